@@ -1,0 +1,288 @@
+//! Configuration: defaults, overlaid by an optional TOML file, overlaid by the
+//! environment (`DATABASE_URL`, `REDIS_URL`, `HERALD_*`). Owns loading,
+//! validating and printing settings; it never opens a connection.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Postgres connection URL (`DATABASE_URL`).
+    pub database_url: String,
+    /// Redis connection URL (`REDIS_URL`); `rediss://` for TLS.
+    pub redis_url: String,
+    /// Prefix of every Redis channel: an event on topic `t` goes to `<prefix>t`.
+    pub channel_prefix: String,
+    /// Largest accepted event payload, in bytes of its JSON text.
+    pub max_payload_bytes: usize,
+    /// Number of outbox partitions; events of one key share a partition.
+    pub partitions: u16,
+    /// Apply migrations when `herald run` / `herald relay` start.
+    pub migrate_on_start: bool,
+    /// `pretty` or `json` log lines.
+    pub log_format: LogFormat,
+    pub postgres: PostgresConfig,
+    pub redis: RedisConfig,
+    pub relay: RelayConfig,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Upper bound of pooled Postgres connections per process (the LISTEN
+    /// connection comes on top).
+    pub pool_size: usize,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisConfig {
+    /// Upper bound of pooled Redis connections per process.
+    pub pool_size: usize,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long one Redis round trip may take before it counts as failed.
+    #[serde(with = "humantime_serde")]
+    pub response_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Most events claimed and published in one transaction.
+    pub batch_size: usize,
+    /// Batches a relay process drains at the same time (each on its own
+    /// partitions).
+    pub concurrency: usize,
+    /// Most partitions one batch takes at once.
+    pub partitions_per_batch: usize,
+    /// Safety sweep when no notification arrives.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Failed publish attempts after which an event becomes a dead letter.
+    pub max_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub backoff_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff_max: Duration,
+    /// Keep published events in `herald.outbox_archive` this long; unset
+    /// deletes them on publish.
+    #[serde(with = "humantime_serde")]
+    pub retain_published: Option<Duration>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            database_url: "postgres://postgres@127.0.0.1:5432/herald".into(),
+            redis_url: "redis://127.0.0.1:6379".into(),
+            channel_prefix: "herald:".into(),
+            max_payload_bytes: 1024 * 1024,
+            partitions: 16,
+            migrate_on_start: true,
+            log_format: LogFormat::Pretty,
+            postgres: PostgresConfig::default(),
+            redis: RedisConfig::default(),
+            relay: RelayConfig::default(),
+        }
+    }
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            pool_size: 8,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig {
+            pool_size: 8,
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            batch_size: 1000,
+            concurrency: 2,
+            partitions_per_batch: 4,
+            poll_interval: Duration::from_secs(5),
+            max_attempts: 1000,
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            retain_published: None,
+        }
+    }
+}
+
+/// Sections whose keys the environment spells `HERALD_<SECTION>_<KEY>`.
+const SECTIONS: [&str; 3] = ["postgres", "redis", "relay"];
+
+impl Config {
+    /// Defaults, then the TOML file (`path`, else `HERALD_CONFIG` when set),
+    /// then the environment.
+    pub fn load(path: Option<&Path>) -> Result<Config> {
+        let path: Option<PathBuf> = path
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("HERALD_CONFIG").map(PathBuf::from));
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = &path {
+            if !path.exists() {
+                return Err(Error::Config(format!(
+                    "configuration file {} does not exist",
+                    path.display()
+                )));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let config: Config = figment
+            .merge(Env::raw().only(&["database_url", "redis_url"]))
+            .merge(
+                Env::prefixed("HERALD_")
+                    .ignore(&["config"])
+                    .filter(|key| !key.as_str().starts_with("test_"))
+                    .map(|key| {
+                        let key = key.as_str();
+                        for section in SECTIONS {
+                            if let Some(rest) =
+                                key.strip_prefix(section).and_then(|r| r.strip_prefix('_'))
+                            {
+                                return format!("{section}.{rest}").into();
+                            }
+                        }
+                        key.to_string().into()
+                    }),
+            )
+            .extract()
+            .map_err(|e| Error::Config(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reject settings that cannot work, naming the setting.
+    pub fn validate(&self) -> Result<()> {
+        let url = url::Url::parse(&self.database_url).map_err(|e| Error::Url {
+            setting: "database_url (DATABASE_URL)",
+            reason: format!("{e}: {}", mask_url(&self.database_url)),
+        })?;
+        if !matches!(url.scheme(), "postgres" | "postgresql") {
+            return Err(Error::Url {
+                setting: "database_url (DATABASE_URL)",
+                reason: format!(
+                    "scheme {:?} is not postgres:// or postgresql://",
+                    url.scheme()
+                ),
+            });
+        }
+        let url = url::Url::parse(&self.redis_url).map_err(|e| Error::Url {
+            setting: "redis_url (REDIS_URL)",
+            reason: format!("{e}: {}", mask_url(&self.redis_url)),
+        })?;
+        if !matches!(url.scheme(), "redis" | "rediss" | "unix" | "redis+unix") {
+            return Err(Error::Url {
+                setting: "redis_url (REDIS_URL)",
+                reason: format!(
+                    "scheme {:?} is not redis://, rediss:// or unix://",
+                    url.scheme()
+                ),
+            });
+        }
+        let positive = [
+            ("max_payload_bytes", self.max_payload_bytes),
+            ("postgres.pool_size", self.postgres.pool_size),
+            ("redis.pool_size", self.redis.pool_size),
+            ("relay.batch_size", self.relay.batch_size),
+            ("relay.concurrency", self.relay.concurrency),
+            (
+                "relay.partitions_per_batch",
+                self.relay.partitions_per_batch,
+            ),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(Error::Config(format!("{name} must be at least 1")));
+            }
+        }
+        if self.partitions == 0 || self.partitions > 1024 {
+            return Err(Error::Config(format!(
+                "partitions must be between 1 and 1024, got {}",
+                self.partitions
+            )));
+        }
+        if self.max_payload_bytes > i32::MAX as usize {
+            return Err(Error::Config(format!(
+                "max_payload_bytes must be below {}, got {}",
+                i32::MAX,
+                self.max_payload_bytes
+            )));
+        }
+        if self.relay.max_attempts == 0 {
+            return Err(Error::Config(
+                "relay.max_attempts must be at least 1".into(),
+            ));
+        }
+        if self.relay.backoff_min > self.relay.backoff_max {
+            return Err(Error::Config(format!(
+                "relay.backoff_min ({:?}) is larger than relay.backoff_max ({:?})",
+                self.relay.backoff_min, self.relay.backoff_max
+            )));
+        }
+        if self
+            .channel_prefix
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(Error::Config(format!(
+                "channel_prefix {:?} must not contain whitespace or control characters",
+                self.channel_prefix
+            )));
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, with passwords masked.
+    pub fn to_masked_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.database_url = mask_url(&self.database_url);
+        shown.redis_url = mask_url(&self.redis_url);
+        toml::to_string_pretty(&shown)
+            .unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+    }
+}
+
+/// Replace the password of a URL with `****`; leave anything unparsable as
+/// `<unparsable URL>` so that a secret never reaches a log.
+pub fn mask_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut url) => {
+            if url.password().is_some() {
+                let _ = url.set_password(Some("****"));
+            }
+            url.to_string()
+        }
+        Err(_) => "<unparsable URL>".into(),
+    }
+}

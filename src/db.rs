@@ -1,0 +1,70 @@
+//! Postgres connections: the bounded `deadpool-postgres` pool every component
+//! shares, and dedicated connections (LISTEN, migration lock) that must not
+//! come from the pool. Owns connection settings (application name, TCP
+//! keepalives, time zone); it never runs Herald's own queries.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::{Client, NoTls};
+
+use crate::config::{mask_url, Config};
+use crate::error::{Context, Error, Result};
+
+/// Parse `DATABASE_URL` and apply Herald's connection settings.
+pub fn pg_config(config: &Config, application_name: &str) -> Result<tokio_postgres::Config> {
+    let mut pg: tokio_postgres::Config = config.database_url.parse().map_err(|e| Error::Url {
+        setting: "database_url (DATABASE_URL)",
+        reason: format!("{e}: {}", mask_url(&config.database_url)),
+    })?;
+    if pg.get_application_name().is_none() {
+        pg.application_name(application_name);
+    }
+    if pg.get_connect_timeout().is_none() {
+        pg.connect_timeout(config.postgres.connect_timeout);
+    }
+    // Keepalives notice a dead peer (server crash, network cut) on an idle
+    // connection, which matters most for the LISTEN connection.
+    pg.keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3);
+    // Envelopes render created_at through Postgres; make it UTC everywhere.
+    pg.options("-c TimeZone=UTC -c client_min_messages=warning");
+    Ok(pg)
+}
+
+/// The shared, bounded pool (`postgres.pool_size`).
+pub fn pool(config: &Config, application_name: &str) -> Result<Pool> {
+    let pg = pg_config(config, application_name)?;
+    let manager = Manager::from_config(
+        pg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(config.postgres.pool_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(config.postgres.connect_timeout * 2))
+        .create_timeout(Some(config.postgres.connect_timeout))
+        .build()
+        .map_err(|e| Error::Other(format!("building the Postgres pool: {e}")))
+}
+
+/// A dedicated connection whose driver runs on its own task; for work that
+/// must hold one session (advisory locks) and short-lived tools.
+pub async fn connect(config: &Config, application_name: &str) -> Result<Client> {
+    let pg = pg_config(config, application_name)?;
+    let (client, connection) = pg
+        .connect(NoTls)
+        .await
+        .context(format!("connecting to {}", mask_url(&config.database_url)))?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "postgres connection closed");
+        }
+    });
+    Ok(client)
+}

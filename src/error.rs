@@ -1,0 +1,107 @@
+//! Library errors. Every variant says what was wrong and where, so the CLI can
+//! print it as is; nothing here knows about process exit codes.
+
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid topic {topic:?}: {reason}")]
+    InvalidTopic { topic: String, reason: String },
+
+    #[error("payload too large for topic {topic:?}: {size} bytes, the limit is {limit} bytes (max_payload_bytes)")]
+    PayloadTooLarge {
+        topic: String,
+        size: usize,
+        limit: usize,
+    },
+
+    #[error("invalid JSON in {what}: {error}")]
+    Json {
+        what: String,
+        error: serde_json::Error,
+    },
+
+    #[error("invalid event: {0}")]
+    InvalidEvent(String),
+
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    #[error("invalid URL in {setting}: {reason}")]
+    Url {
+        setting: &'static str,
+        reason: String,
+    },
+
+    #[error("postgres: {context}: {error}")]
+    Postgres {
+        context: String,
+        error: tokio_postgres::Error,
+    },
+
+    #[error("postgres pool: {0}")]
+    Pool(deadpool_postgres::PoolError),
+
+    #[error("redis: {context}: {error}")]
+    Redis {
+        context: String,
+        error: redis::RedisError,
+    },
+
+    #[error("redis pool: {0}")]
+    RedisPool(deadpool_redis::PoolError),
+
+    #[error("migrations: {0}")]
+    Migration(refinery::Error),
+
+    #[error("timed out after {0:?}: {1}")]
+    Timeout(Duration, String),
+
+    #[error("{0}")]
+    Other(String),
+}
+
+// Messages above already include their cause, so these variants carry it
+// without `#[source]` (a source would print twice in an error chain).
+impl From<deadpool_postgres::PoolError> for Error {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        Error::Pool(e)
+    }
+}
+
+impl From<deadpool_redis::PoolError> for Error {
+    fn from(e: deadpool_redis::PoolError) -> Self {
+        Error::RedisPool(e)
+    }
+}
+
+impl From<refinery::Error> for Error {
+    fn from(e: refinery::Error) -> Self {
+        Error::Migration(e)
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Attach a short description of the operation to driver errors.
+pub(crate) trait Context<T> {
+    fn context(self, what: impl Into<String>) -> Result<T>;
+}
+
+impl<T> Context<T> for std::result::Result<T, tokio_postgres::Error> {
+    fn context(self, what: impl Into<String>) -> Result<T> {
+        self.map_err(|error| Error::Postgres {
+            context: what.into(),
+            error,
+        })
+    }
+}
+
+impl<T> Context<T> for std::result::Result<T, redis::RedisError> {
+    fn context(self, what: impl Into<String>) -> Result<T> {
+        self.map_err(|error| Error::Redis {
+            context: what.into(),
+            error,
+        })
+    }
+}

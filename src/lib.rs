@@ -1,0 +1,26 @@
+//! Herald: a Postgres-centric event system. Events are written to
+//! `herald.outbox` in the producer's own transaction and relayed to Redis
+//! pub/sub after COMMIT, at least once and in per-key order.
+//!
+//! - [`outbox`]: the `Event` builder and `publish` / `publish_batch`.
+//! - [`relay`]: the process that moves committed events to Redis.
+//! - [`pubsub`]: Redis publishing and the reconnecting `Subscriber`.
+//! - [`migrate`]: the schema in `sql/`, applied with refinery.
+//! - [`config`]: settings from defaults, TOML and the environment.
+
+pub mod bench;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod migrate;
+pub mod outbox;
+pub mod pubsub;
+pub mod relay;
+pub mod telemetry;
+
+pub use config::Config;
+pub use error::{Error, Result};
+pub use outbox::{publish, publish_batch, Envelope, Event, Outbox};
+pub use pubsub::{Delivery, Subscriber};
+pub use relay::Relay;

@@ -1,0 +1,353 @@
+//! The producer side of the transactional outbox: the `Event` builder, topic
+//! and payload checks, and `publish` / `publish_batch`, which write into
+//! `herald.outbox` through the caller's own client or transaction.
+//!
+//! This module only ever INSERTs: it must never commit, open its own
+//! connection or talk to Redis, so an event exists exactly when the caller's
+//! transaction commits.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use tokio_postgres::types::Type;
+use tokio_postgres::GenericClient;
+use uuid::Uuid;
+
+use crate::error::{Context, Error, Result};
+
+/// Default for `max_payload_bytes`: 1 MiB of JSON text.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
+/// Longest topic accepted.
+pub const MAX_TOPIC_LEN: usize = 255;
+
+/// Well-known header names carried from producer to consumer.
+pub mod headers {
+    pub const CORRELATION_ID: &str = "correlation_id";
+    pub const CAUSATION_ID: &str = "causation_id";
+    pub const TRACEPARENT: &str = "traceparent";
+}
+
+/// An event about to be written to the outbox.
+///
+/// ```no_run
+/// # async fn demo(tx: &tokio_postgres::Transaction<'_>) -> herald::Result<()> {
+/// let event = herald::Event::new("payment.captured", &serde_json::json!({"amount": 42}))?
+///     .key("customer-17")
+///     .correlation_id("req-9f2c");
+/// herald::outbox::publish(tx, &event).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    id: Uuid,
+    topic: String,
+    key: Option<String>,
+    payload: String,
+    headers: Map<String, Value>,
+}
+
+impl Event {
+    /// An event whose payload is `payload` serialized to JSON. The topic is
+    /// checked here, so a bad one fails before any SQL runs.
+    pub fn new<T: Serialize + ?Sized>(topic: impl Into<String>, payload: &T) -> Result<Event> {
+        let topic = topic.into();
+        validate_topic(&topic)?;
+        let payload = serde_json::to_string(payload).map_err(|error| Error::Json {
+            what: format!("payload of topic {topic:?}"),
+            error,
+        })?;
+        Ok(Event {
+            id: Uuid::now_v7(),
+            topic,
+            key: None,
+            payload,
+            headers: Map::new(),
+        })
+    }
+
+    /// An event whose payload is JSON text, checked to be one JSON value.
+    pub fn from_json_str(topic: impl Into<String>, json: &str) -> Result<Event> {
+        let topic = topic.into();
+        validate_topic(&topic)?;
+        let value: &serde_json::value::RawValue =
+            serde_json::from_str(json).map_err(|error| Error::Json {
+                what: format!("payload of topic {topic:?}"),
+                error,
+            })?;
+        Ok(Event {
+            id: Uuid::now_v7(),
+            topic,
+            key: None,
+            payload: value.get().to_owned(),
+            headers: Map::new(),
+        })
+    }
+
+    /// Events with the same key reach Redis in the order they were inserted.
+    pub fn key(mut self, key: impl Into<String>) -> Event {
+        self.key = Some(key.into());
+        self
+    }
+
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<Value>) -> Event {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    pub fn correlation_id(self, id: impl Into<String>) -> Event {
+        self.header(headers::CORRELATION_ID, id.into())
+    }
+
+    pub fn causation_id(self, id: impl Into<String>) -> Event {
+        self.header(headers::CAUSATION_ID, id.into())
+    }
+
+    /// W3C trace context of the producer, so consumers can continue its trace.
+    pub fn traceparent(self, traceparent: impl Into<String>) -> Event {
+        self.header(headers::TRACEPARENT, traceparent.into())
+    }
+
+    /// The event id (UUID v7), known before the insert.
+    pub fn id(&self) -> Uuid {
+        self.id
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    pub fn key_ref(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+
+    /// The payload's JSON text.
+    pub fn payload_json(&self) -> &str {
+        &self.payload
+    }
+
+    pub fn headers(&self) -> &Map<String, Value> {
+        &self.headers
+    }
+
+    fn check_size(&self, limit: usize) -> Result<()> {
+        if self.payload.len() > limit {
+            return Err(Error::PayloadTooLarge {
+                topic: self.topic.clone(),
+                size: self.payload.len(),
+                limit,
+            });
+        }
+        Ok(())
+    }
+
+    fn headers_json(&self) -> String {
+        Value::Object(self.headers.clone()).to_string()
+    }
+}
+
+/// The message Herald publishes on Redis, and what a `Subscriber` decodes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub id: Uuid,
+    pub topic: String,
+    pub key: Option<String>,
+    pub payload: Value,
+    #[serde(default)]
+    pub headers: Map<String, Value>,
+    pub created_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl Envelope {
+    /// Decode the payload into `T`, naming the topic and event on failure.
+    pub fn payload_as<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        T::deserialize(&self.payload).map_err(|error| Error::Json {
+            what: format!("payload of event {} on topic {:?}", self.id, self.topic),
+            error,
+        })
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(Value::as_str)
+    }
+}
+
+/// Letters, digits, `.`, `_`, `-`, `:` only.
+pub fn valid_topic_chars(topic: &str) -> bool {
+    topic
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':'))
+}
+
+/// The rule `herald.publish` enforces in SQL, checked before any round trip.
+pub fn validate_topic(topic: &str) -> Result<()> {
+    let reason = if topic.is_empty() {
+        "topic is empty".to_string()
+    } else if topic.len() > MAX_TOPIC_LEN {
+        format!(
+            "{} characters, at most {MAX_TOPIC_LEN} allowed",
+            topic.len()
+        )
+    } else if !valid_topic_chars(topic) {
+        let bad = topic
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':')))
+            .unwrap_or('?');
+        format!("character {bad:?} is not allowed; use letters, digits, '.', '_', '-' or ':'")
+    } else {
+        return Ok(());
+    };
+    Err(Error::InvalidTopic {
+        topic: topic.to_string(),
+        reason,
+    })
+}
+
+/// Writes events with a configured payload limit. The free functions
+/// [`publish`] and [`publish_batch`] use the default limit.
+#[derive(Debug, Clone, Copy)]
+pub struct Outbox {
+    max_payload_bytes: usize,
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Outbox {
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+        }
+    }
+}
+
+const INSERT_ONE: &str =
+    "INSERT INTO herald.outbox (event_id, topic, key, partition, payload, headers) \
+     VALUES ($1, $2, $3, herald.partition_for($3), $4::text::jsonb, $5::text::jsonb)";
+
+// One statement for the whole batch; the partition count is read once.
+const INSERT_BATCH: &str =
+    "INSERT INTO herald.outbox (event_id, topic, key, partition, payload, headers) \
+     SELECT e.event_id, e.topic, e.key, \
+            CASE WHEN e.key IS NULL THEN floor(random() * s.partitions)::smallint \
+                 ELSE herald.partition_for(e.key, s.partitions) END, \
+            e.payload::jsonb, e.headers::jsonb \
+     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[]) \
+          WITH ORDINALITY AS e(event_id, topic, key, payload, headers, ord) \
+     CROSS JOIN herald.settings s \
+     ORDER BY e.ord";
+
+impl Outbox {
+    pub fn new(max_payload_bytes: usize) -> Outbox {
+        Outbox { max_payload_bytes }
+    }
+
+    pub fn from_config(config: &crate::Config) -> Outbox {
+        Outbox::new(config.max_payload_bytes)
+    }
+
+    /// Insert one event through `client`, which may be a transaction: the
+    /// event is relayed only once that transaction commits.
+    pub async fn publish<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+        event: &Event,
+    ) -> Result<Uuid> {
+        event.check_size(self.max_payload_bytes)?;
+        let headers = event.headers_json();
+        client
+            .execute_typed(
+                INSERT_ONE,
+                &[
+                    (&event.id, Type::UUID),
+                    (&event.topic, Type::TEXT),
+                    (&event.key, Type::TEXT),
+                    (&event.payload, Type::TEXT),
+                    (&headers, Type::TEXT),
+                ],
+            )
+            .await
+            .context(format!(
+                "inserting event on topic {:?} into herald.outbox",
+                event.topic
+            ))?;
+        Ok(event.id)
+    }
+
+    /// Insert many events in one statement, in the order given (ids grow in
+    /// that order, so events of one key keep it).
+    pub async fn publish_batch<C: GenericClient + Sync>(
+        &self,
+        client: &C,
+        events: &[Event],
+    ) -> Result<Vec<Uuid>> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        for event in events {
+            event.check_size(self.max_payload_bytes)?;
+        }
+        let ids: Vec<Uuid> = events.iter().map(|e| e.id).collect();
+        let topics: Vec<&str> = events.iter().map(|e| e.topic.as_str()).collect();
+        let keys: Vec<Option<&str>> = events.iter().map(|e| e.key.as_deref()).collect();
+        let payloads: Vec<&str> = events.iter().map(|e| e.payload.as_str()).collect();
+        let headers: Vec<String> = events.iter().map(Event::headers_json).collect();
+        client
+            .execute_typed(
+                INSERT_BATCH,
+                &[
+                    (&ids, Type::UUID_ARRAY),
+                    (&topics, Type::TEXT_ARRAY),
+                    (&keys, Type::TEXT_ARRAY),
+                    (&payloads, Type::TEXT_ARRAY),
+                    (&headers, Type::TEXT_ARRAY),
+                ],
+            )
+            .await
+            .context(format!(
+                "inserting {} events into herald.outbox",
+                events.len()
+            ))?;
+        Ok(ids)
+    }
+}
+
+/// [`Outbox::publish`] with the default payload limit.
+pub async fn publish<C: GenericClient + Sync>(client: &C, event: &Event) -> Result<Uuid> {
+    Outbox::default().publish(client, event).await
+}
+
+/// [`Outbox::publish_batch`] with the default payload limit.
+pub async fn publish_batch<C: GenericClient + Sync>(
+    client: &C,
+    events: &[Event],
+) -> Result<Vec<Uuid>> {
+    Outbox::default().publish_batch(client, events).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics() {
+        assert!(validate_topic("payment.captured").is_ok());
+        assert!(validate_topic("a:b_c-d.9").is_ok());
+        assert!(validate_topic("").is_err());
+        assert!(validate_topic(&"x".repeat(256)).is_err());
+        let err = validate_topic("bad topic").unwrap_err().to_string();
+        assert!(err.contains("' '"), "{err}");
+    }
+
+    #[test]
+    fn payload_limit_names_sizes() {
+        let event = Event::new("t", &"x".repeat(100)).unwrap();
+        let err = event.check_size(10).unwrap_err().to_string();
+        assert!(
+            err.contains("102 bytes") && err.contains("limit is 10"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn malformed_json_is_rejected() {
+        let err = Event::from_json_str("t", "{nope").unwrap_err().to_string();
+        assert!(err.contains("payload of topic \"t\""), "{err}");
+        assert!(Event::from_json_str("t", " {\"a\": [1, 2]} ").is_ok());
+    }
+}

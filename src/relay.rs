@@ -1,0 +1,452 @@
+//! The relay: moves committed events from `herald.outbox` to Redis.
+//!
+//! It owns the LISTEN connection (a dedicated session driven with
+//! `poll_message`, never a pooled one), the claim → publish → delete → commit
+//! cycle, partition ownership, backoff while Redis is down, dead-lettering of
+//! events that never get through, and expiry of the archive.
+//!
+//! It must never commit a claim before Redis acknowledged the publish (that
+//! would lose events), and never let two transactions drain one partition at
+//! the same time (that would reorder a key). NOTIFY is only a wake-up: every
+//! decision is taken from the table.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use futures_util::future::poll_fn;
+use rand::Rng;
+use tokio::sync::watch;
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::error::{Context, Error, Result};
+
+/// The notification channel the outbox trigger signals.
+pub const CHANNEL: &str = "herald_outbox";
+/// First key of the transaction-level advisory locks that give one
+/// transaction at a time a partition ("hera" in ASCII).
+pub const PARTITION_LOCK_SPACE: i32 = 0x6865_7261;
+/// `application_name` of the LISTEN connection, to find it in pg_stat_activity.
+pub const LISTEN_APPLICATION_NAME: &str = "herald-relay-listen";
+/// How often the archive's old partitions are dropped.
+const ARCHIVE_MAINTENANCE_EVERY: Duration = Duration::from_secs(600);
+
+// Claim a batch: take up to $5 partitions that have due events and whose
+// transaction lock is free (CASE keeps the EXISTS check before the lock, so
+// empty partitions are never locked), delete their oldest $1 due rows,
+// archive them when $2, and return the envelopes in id order. The statement
+// runs in a transaction that commits only after Redis acknowledged them.
+// $3 rotates the starting partition so that every partition gets its turn.
+const CLAIM: &str = "
+WITH owned AS MATERIALIZED (
+    SELECT s.p
+    FROM herald.settings,
+         LATERAL (SELECT ((g + $3) % partitions)::smallint AS p
+                  FROM generate_series(0, partitions - 1) AS g) AS s
+    WHERE CASE WHEN EXISTS (SELECT 1 FROM herald.outbox o
+                            WHERE o.partition = s.p AND o.available_at <= now())
+               THEN pg_try_advisory_xact_lock($4, s.p)
+               ELSE false END
+    LIMIT $5
+), claimed AS (
+    DELETE FROM herald.outbox
+    WHERE id IN (SELECT id FROM herald.outbox
+                 WHERE partition IN (SELECT p FROM owned) AND available_at <= now()
+                 ORDER BY id
+                 LIMIT $1
+                 FOR UPDATE SKIP LOCKED)
+    RETURNING id, event_id, topic, key, partition, payload, headers, created_at, attempts
+), archived AS (
+    INSERT INTO herald.outbox_archive (id, event_id, topic, key, partition, payload, headers, created_at, attempts)
+    SELECT id, event_id, topic, key, partition, payload, headers, created_at, attempts
+    FROM claimed WHERE $2
+)
+SELECT id, topic,
+       json_build_object('id', event_id, 'topic', topic, 'key', key, 'payload', payload,
+                         'headers', headers, 'created_at', created_at)::text
+FROM claimed
+ORDER BY id";
+
+const RECORD_FAILURE: &str = "
+UPDATE herald.outbox SET attempts = attempts + 1, last_error = $2 WHERE id = ANY($1)";
+
+const DEAD_LETTER: &str = "
+WITH dead AS (
+    DELETE FROM herald.outbox WHERE id = ANY($1) AND attempts >= $2
+    RETURNING id, event_id, topic, key, payload, headers, attempts, last_error, created_at
+)
+INSERT INTO herald.dead_letters
+    (source, original_id, event_id, topic, key, payload, headers, attempts, errors, last_error, created_at)
+SELECT 'outbox', id, event_id, topic, key, payload, headers, attempts,
+       jsonb_build_array(jsonb_build_object('at', now(), 'attempt', attempts, 'error', last_error)),
+       last_error, created_at
+FROM dead";
+
+/// Counters a caller (the CLI, a test, the bench) can read while it runs.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    pub published: AtomicU64,
+    pub batches: AtomicU64,
+    pub failed_batches: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    pub listen_connects: AtomicU64,
+}
+
+pub struct Relay {
+    config: Config,
+    pool: Pool,
+    redis: deadpool_redis::Pool,
+    stats: Arc<RelayStats>,
+}
+
+impl Relay {
+    pub fn new(config: &Config, pool: Pool, redis: deadpool_redis::Pool) -> Relay {
+        Relay {
+            config: config.clone(),
+            pool,
+            redis,
+            stats: Arc::new(RelayStats::default()),
+        }
+    }
+
+    pub fn stats(&self) -> Arc<RelayStats> {
+        self.stats.clone()
+    }
+
+    /// Run until `shutdown` is cancelled; the batches in flight finish and
+    /// commit (their partition locks go with the commit) before it returns.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        {
+            let client = self.pool.get().await?;
+            crate::migrate::check_schema(&client).await?;
+        }
+        let (wake_tx, wake_rx) = watch::channel(0u64);
+        let wake_tx = Arc::new(wake_tx);
+        let listener = tokio::spawn(listen(
+            self.config.clone(),
+            wake_tx.clone(),
+            self.stats.clone(),
+            shutdown.clone(),
+        ));
+        let shared = Arc::new(Drainer {
+            config: self.config.clone(),
+            pool: self.pool.clone(),
+            redis: self.redis.clone(),
+            stats: self.stats.clone(),
+        });
+        let mut workers = Vec::new();
+        for n in 0..self.config.relay.concurrency {
+            workers.push(tokio::spawn(shared.clone().work(
+                n,
+                wake_rx.clone(),
+                shutdown.clone(),
+            )));
+        }
+        tracing::info!(
+            concurrency = self.config.relay.concurrency,
+            batch_size = self.config.relay.batch_size,
+            "relay started"
+        );
+        for worker in workers {
+            if let Err(e) = worker.await {
+                tracing::error!(error = %e, "relay worker panicked");
+            }
+        }
+        listener.abort();
+        let _ = listener.await;
+        tracing::info!(
+            published = self.stats.published.load(Ordering::Relaxed),
+            "relay stopped"
+        );
+        Ok(())
+    }
+}
+
+/// Keep a LISTEN session open and turn every notification, and every
+/// (re)connect, into a wake-up of the drain workers.
+async fn listen(
+    config: Config,
+    wake: Arc<watch::Sender<u64>>,
+    stats: Arc<RelayStats>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+    loop {
+        let attempt = listen_once(&config, &wake, &stats);
+        let outcome = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            outcome = attempt => outcome,
+        };
+        match outcome {
+            Ok(reason) => {
+                // We had a working session: retry at once-ish.
+                backoff.reset();
+                tracing::warn!(%reason, "relay LISTEN connection lost; reconnecting");
+            }
+            Err(error) => tracing::warn!(%error, "relay LISTEN connection failed"),
+        }
+        // Whatever happened, sweep: events may have committed while no
+        // notification could reach us.
+        wake.send_modify(|g| *g += 1);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(backoff.next()) => {}
+        }
+    }
+}
+
+/// One LISTEN session. `Err` when it could not be set up; `Ok(reason)` when
+/// it was up and then ended.
+async fn listen_once(
+    config: &Config,
+    wake: &watch::Sender<u64>,
+    stats: &RelayStats,
+) -> Result<String> {
+    let pg = crate::db::pg_config(config, LISTEN_APPLICATION_NAME)?;
+    let (client, mut connection) = pg
+        .connect(NoTls)
+        .await
+        .context("opening the LISTEN connection")?;
+    let (closed_tx, mut closed_rx) = tokio::sync::oneshot::channel::<Option<String>>();
+    let wake_driver = wake.clone();
+    // The connection is driven here rather than spawned as a plain future so
+    // that notifications come out of poll_message.
+    let driver = tokio::spawn(async move {
+        let end = loop {
+            match poll_fn(|cx| connection.poll_message(cx)).await {
+                Some(Ok(AsyncMessage::Notification(_))) => wake_driver.send_modify(|g| *g += 1),
+                Some(Ok(AsyncMessage::Notice(notice))) => {
+                    tracing::debug!(notice = %notice.message(), "postgres notice")
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => break Some(e.to_string()),
+                None => break None,
+            }
+        };
+        let _ = closed_tx.send(end);
+    });
+    client
+        .batch_execute(&format!("LISTEN {CHANNEL}"))
+        .await
+        .context("LISTEN herald_outbox")?;
+    stats.listen_connects.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!("relay listening on {CHANNEL}");
+    // Sweep right after LISTEN took effect: anything committed before is
+    // found by the sweep, anything after sends a notification.
+    wake.send_modify(|g| *g += 1);
+    let end = (&mut closed_rx).await.ok().flatten();
+    drop(client);
+    let _ = driver.await;
+    Ok(end.unwrap_or_else(|| "closed by the server".into()))
+}
+
+struct Drainer {
+    config: Config,
+    pool: Pool,
+    redis: deadpool_redis::Pool,
+    stats: Arc<RelayStats>,
+}
+
+impl Drainer {
+    async fn work(
+        self: Arc<Self>,
+        n: usize,
+        mut wake: watch::Receiver<u64>,
+        shutdown: CancellationToken,
+    ) {
+        let relay = &self.config.relay;
+        let mut backoff = Backoff::new(relay.backoff_min, relay.backoff_max);
+        // Each worker starts at another partition so that they spread out.
+        let mut offset: i32 = (n as i32) * 7919;
+        let mut next_maintenance = Instant::now();
+        loop {
+            wake.borrow_and_update();
+            if n == 0 && relay.retain_published.is_some() && Instant::now() >= next_maintenance {
+                self.maintain_archive().await;
+                next_maintenance = Instant::now() + ARCHIVE_MAINTENANCE_EVERY;
+            }
+            // Drain until nothing is left for us, or until asked to stop.
+            let mut failed = false;
+            while !shutdown.is_cancelled() {
+                offset = offset.wrapping_add(1) & 0x3fff_ffff;
+                match self.claim_and_publish(offset).await {
+                    // Nothing due in any partition this worker could take.
+                    Ok(0) => break,
+                    Ok(_) => backoff.reset(),
+                    Err(error) => {
+                        self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%error, "relay batch failed; backing off");
+                        failed = true;
+                        break;
+                    }
+                }
+            }
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let pause = if failed {
+                backoff.next()
+            } else {
+                relay.poll_interval
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                changed = wake.changed(), if !failed => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
+    }
+
+    /// Claim, publish and commit one batch; returns how many events it held.
+    async fn claim_and_publish(&self, offset: i32) -> Result<usize> {
+        let relay = &self.config.relay;
+        let mut client = self.pool.get().await?;
+        let claim = client
+            .prepare_cached(CLAIM)
+            .await
+            .context("preparing the outbox claim")?;
+        let tx = client
+            .transaction()
+            .await
+            .context("beginning the claim transaction")?;
+        let rows = tx
+            .query(
+                &claim,
+                &[
+                    &(relay.batch_size as i64),
+                    &relay.retain_published.is_some(),
+                    &offset,
+                    &PARTITION_LOCK_SPACE,
+                    &(relay.partitions_per_batch as i64),
+                ],
+            )
+            .await
+            .context("claiming a batch from herald.outbox")?;
+        if rows.is_empty() {
+            tx.commit().await.context("ending an empty claim")?;
+            return Ok(0);
+        }
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut messages = Vec::with_capacity(rows.len());
+        for row in &rows {
+            ids.push(row.get::<_, i64>(0));
+            let topic: &str = row.get(1);
+            messages.push((
+                format!("{}{}", self.config.channel_prefix, topic),
+                row.get::<_, String>(2),
+            ));
+        }
+        let published =
+            crate::pubsub::publish_all(&self.redis, &messages, self.config.redis.response_timeout)
+                .await;
+        match published {
+            Ok(_) => {
+                tx.commit().await.context("committing a published batch")?;
+                self.stats
+                    .published
+                    .fetch_add(rows.len() as u64, Ordering::Relaxed);
+                self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(events = rows.len(), "relay batch published");
+                Ok(rows.len())
+            }
+            Err(error) => {
+                // The rows come back on rollback; count the attempt on them
+                // and retire the ones that have failed too often.
+                tx.rollback().await.context("rolling back a failed batch")?;
+                drop(client);
+                self.record_failure(&ids, &error.to_string()).await?;
+                Err(error)
+            }
+        }
+    }
+
+    async fn record_failure(&self, ids: &[i64], error: &str) -> Result<()> {
+        let mut client = self.pool.get().await?;
+        let tx = client
+            .transaction()
+            .await
+            .context("beginning to record a failed batch")?;
+        tx.execute(RECORD_FAILURE, &[&ids, &error])
+            .await
+            .context("recording a failed publish on herald.outbox")?;
+        let dead = tx
+            .execute(
+                DEAD_LETTER,
+                &[&ids, &(self.config.relay.max_attempts as i32)],
+            )
+            .await
+            .context("moving undeliverable events to herald.dead_letters")?;
+        tx.commit()
+            .await
+            .context("committing a failed batch's attempts")?;
+        if dead > 0 {
+            self.stats.dead_lettered.fetch_add(dead, Ordering::Relaxed);
+            tracing::error!(
+                events = dead,
+                max_attempts = self.config.relay.max_attempts,
+                %error,
+                "events could not be published and were moved to herald.dead_letters"
+            );
+        }
+        Ok(())
+    }
+
+    async fn maintain_archive(&self) {
+        let Some(retain) = self.config.relay.retain_published else {
+            return;
+        };
+        let result = async {
+            let client = self.pool.get().await?;
+            let interval = format!("{} seconds", retain.as_secs());
+            let row = client
+                .query_one(
+                    "SELECT herald.maintain_archive($1::text::interval)",
+                    &[&interval],
+                )
+                .await
+                .context("maintaining herald.outbox_archive")?;
+            Ok::<i32, Error>(row.get(0))
+        }
+        .await;
+        match result {
+            Ok(dropped) => tracing::debug!(dropped, "archive maintained"),
+            Err(error) => tracing::warn!(%error, "archive maintenance failed"),
+        }
+    }
+}
+
+/// Capped exponential backoff with full jitter.
+pub(crate) struct Backoff {
+    min: Duration,
+    max: Duration,
+    current: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff {
+            min,
+            max,
+            current: min,
+        }
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.current = self.min;
+    }
+
+    pub(crate) fn next(&mut self) -> Duration {
+        let ceiling = self.current;
+        self.current = (self.current * 2).min(self.max);
+        let low = ceiling / 2;
+        let jitter = rand::rng().random_range(0..=(ceiling - low).as_millis() as u64);
+        low + Duration::from_millis(jitter)
+    }
+}
