@@ -206,7 +206,7 @@ BEGIN
                 EXECUTE format(
                     'CREATE TABLE herald.%I PARTITION OF herald.outbox_archive FOR VALUES FROM (%L) TO (%L)',
                     'outbox_archive_' || to_char(day, 'YYYYMMDD'), day::timestamptz, (day + 1)::timestamptz);
-            EXCEPTION WHEN duplicate_table OR invalid_object_definition THEN
+            EXCEPTION WHEN duplicate_table OR invalid_object_definition OR check_violation THEN
                 -- another relay created it, or rows for that day already sit in
                 -- the default partition: keep using the default one.
                 NULL;

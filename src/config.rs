@@ -163,9 +163,12 @@ impl Config {
             .merge(
                 Env::prefixed("HERALD_")
                     .ignore(&["config"])
-                    .filter(|key| !key.as_str().starts_with("test_"))
+                    // HERALD_TEST_* belong to the test suite.
+                    .filter(|key| !key.as_str().to_ascii_lowercase().starts_with("test_"))
                     .map(|key| {
-                        let key = key.as_str();
+                        // Keys keep the environment's case until figment
+                        // lowercases them after this mapping.
+                        let key = key.as_str().to_ascii_lowercase();
                         for section in SECTIONS {
                             if let Some(rest) =
                                 key.strip_prefix(section).and_then(|r| r.strip_prefix('_'))
@@ -173,7 +176,7 @@ impl Config {
                                 return format!("{section}.{rest}").into();
                             }
                         }
-                        key.to_string().into()
+                        key.into()
                     }),
             )
             .extract()
@@ -284,5 +287,92 @@ pub fn mask_url(raw: &str) -> String {
             url.to_string()
         }
         Err(_) => "<unparsable URL>".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn environment_overrides_file_overrides_defaults() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "herald.toml",
+                r#"
+                channel_prefix = "file:"
+                partitions = 32
+                [relay]
+                batch_size = 10
+                retain_published = "24h"
+                [redis]
+                pool_size = 3
+                "#,
+            )?;
+            jail.set_env("HERALD_CONFIG", "herald.toml");
+            jail.set_env("HERALD_RELAY_BATCH_SIZE", "500");
+            jail.set_env("HERALD_POSTGRES_POOL_SIZE", "4");
+            jail.set_env("REDIS_URL", "rediss://:s3cret@cache.example:6380/0");
+            jail.set_env("HERALD_TEST_DATABASE_URL", "ignored");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.channel_prefix, "file:");
+            assert_eq!(c.partitions, 32);
+            assert_eq!(c.relay.batch_size, 500, "environment wins over the file");
+            assert_eq!(c.relay.retain_published, Some(Duration::from_secs(86400)));
+            assert_eq!(c.postgres.pool_size, 4);
+            assert_eq!(c.redis.pool_size, 3);
+            let shown = c.to_masked_toml();
+            assert!(
+                shown.contains("rediss://:****@cache.example:6380/0"),
+                "{shown}"
+            );
+            assert!(!shown.contains("s3cret"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_settings_name_the_setting() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HERALD_RELAY_BATCH_SIZE", "many");
+            let err = Config::load(None).unwrap_err().to_string().to_lowercase();
+            assert!(err.contains("batch_size"), "{err}");
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HERALD_RELAY_BACH_SIZE", "5");
+            let err = Config::load(None).unwrap_err().to_string().to_lowercase();
+            assert!(err.contains("bach_size"), "{err}");
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("DATABASE_URL", "mysql://db/x");
+            let err = Config::load(None).unwrap_err().to_string().to_lowercase();
+            assert!(
+                err.contains("database_url") && err.contains("mysql"),
+                "{err}"
+            );
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("REDIS_URL", "not a url");
+            let err = Config::load(None).unwrap_err().to_string().to_lowercase();
+            assert!(err.contains("redis_url"), "{err}");
+            Ok(())
+        });
+        let err = Config::load(Some(Path::new("/nonexistent/herald.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/herald.toml"), "{err}");
+    }
+
+    #[test]
+    fn masking_hides_passwords() {
+        assert_eq!(
+            mask_url("postgres://app:hunter2@db:5432/app"),
+            "postgres://app:****@db:5432/app"
+        );
+        assert_eq!(mask_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+        assert_eq!(mask_url("::::"), "<unparsable URL>");
     }
 }

@@ -33,7 +33,7 @@ pub enum Error {
         reason: String,
     },
 
-    #[error("postgres: {context}: {error}")]
+    #[error("postgres: {context}: {}", describe_pg(.error))]
     Postgres {
         context: String,
         error: tokio_postgres::Error,
@@ -82,6 +82,28 @@ impl From<refinery::Error> for Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// tokio-postgres prints only "db error" for server errors; show what the
+/// server said, with its code, detail and hint.
+pub fn describe_pg(error: &tokio_postgres::Error) -> String {
+    if let Some(db) = error.as_db_error() {
+        let mut out = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+        if let Some(detail) = db.detail() {
+            out.push_str(&format!("; detail: {detail}"));
+        }
+        if let Some(hint) = db.hint() {
+            out.push_str(&format!("; hint: {hint}"));
+        }
+        return out;
+    }
+    let mut out = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(s) = source {
+        out.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    out
+}
 
 /// Attach a short description of the operation to driver errors.
 pub(crate) trait Context<T> {

@@ -97,6 +97,8 @@ pub struct Subscriber {
     conn: Option<(PubSubSink, PubSubStream)>,
     connect_timeout: Duration,
     idle_ping: Duration,
+    backoff_min: Duration,
+    backoff_max: Duration,
     lost: Option<(DateTime<Utc>, String)>,
 }
 
@@ -118,6 +120,8 @@ impl Subscriber {
             conn: None,
             connect_timeout: Duration::from_secs(5),
             idle_ping: Duration::from_secs(15),
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(2),
             lost: None,
         })
     }
@@ -126,6 +130,13 @@ impl Subscriber {
         let mut s = Subscriber::new(&config.redis_url, &config.channel_prefix)?;
         s.connect_timeout = config.redis.connect_timeout;
         Ok(s)
+    }
+
+    /// Delay between reconnect attempts: doubles from `min` up to `max`.
+    pub fn reconnect_backoff(mut self, min: Duration, max: Duration) -> Subscriber {
+        self.backoff_min = min;
+        self.backoff_max = max.max(min);
+        self
     }
 
     /// Receive events of exactly this topic.
@@ -189,7 +200,7 @@ impl Subscriber {
     /// The next delivery. Never returns an error for a lost connection: it
     /// reconnects with capped backoff and yields a [`Delivery::Gap`].
     pub async fn next(&mut self) -> Result<Delivery> {
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = self.backoff_min;
         loop {
             if self.conn.is_none() {
                 match self.connect().await {
@@ -211,7 +222,7 @@ impl Subscriber {
                         }
                         tracing::debug!(%error, ?backoff, "redis subscriber reconnect failed");
                         tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        backoff = (backoff * 2).min(self.backoff_max);
                         continue;
                     }
                 }

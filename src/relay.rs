@@ -137,6 +137,9 @@ impl Relay {
             redis: self.redis.clone(),
             stats: self.stats.clone(),
         });
+        // Create today's archive partition before the first claim, so
+        // archived rows never start out in the default partition.
+        shared.maintain_archive().await;
         let mut workers = Vec::new();
         for n in 0..self.config.relay.concurrency {
             workers.push(tokio::spawn(shared.clone().work(
@@ -261,7 +264,7 @@ impl Drainer {
         let mut backoff = Backoff::new(relay.backoff_min, relay.backoff_max);
         // Each worker starts at another partition so that they spread out.
         let mut offset: i32 = (n as i32) * 7919;
-        let mut next_maintenance = Instant::now();
+        let mut next_maintenance = Instant::now() + ARCHIVE_MAINTENANCE_EVERY;
         loop {
             wake.borrow_and_update();
             if n == 0 && relay.retain_published.is_some() && Instant::now() >= next_maintenance {
