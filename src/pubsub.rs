@@ -246,7 +246,8 @@ impl Subscriber {
                 Err(_) => {
                     // Idle: make sure the connection is still alive.
                     let ping =
-                        tokio::time::timeout(self.connect_timeout, sink.ping::<String>()).await;
+                        tokio::time::timeout(self.connect_timeout, sink.ping::<redis::Value>())
+                            .await;
                     match ping {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => self.mark_lost(format!("ping failed: {e}")),

@@ -225,7 +225,7 @@ async fn listen_once(
                     tracing::debug!(notice = %notice.message(), "postgres notice")
                 }
                 Some(Ok(_)) => {}
-                Some(Err(e)) => break Some(e.to_string()),
+                Some(Err(e)) => break Some(crate::error::describe_pg(&e)),
                 None => break None,
             }
         };
