@@ -1,0 +1,50 @@
+# Herald developer tasks. `make` (or `make help`) lists them.
+#
+# Targets that need Postgres and Redis call `scripts/dev-services.sh up` first:
+# it reuses servers already answering on 127.0.0.1:5432 / :6379, or starts them
+# (docker compose when a Docker engine is reachable, else local binaries in .dev/).
+# DATABASE_URL / REDIS_URL, when set, are used as they are.
+
+CARGO ?= cargo
+DEV   := scripts/dev-services.sh
+# Export the URLs matching what `$(DEV) up` provided (values already set win).
+WITH_ENV = dev_env="$$($(DEV) env)" && eval "$$dev_env" &&
+
+.DEFAULT_GOAL := help
+
+.PHONY: help build run test lint bench migrate services-up services-down services-status docker-up
+
+help: ## List the targets
+	@echo "Herald make targets:"
+	@awk 'BEGIN { FS = ":.*## " } /^[a-zA-Z_-]+:.*## / { printf "  %-16s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
+
+build: ## Build the release binary (target/release/herald)
+	$(CARGO) build --release
+
+run: services-up ## Start dev services, then `herald run` (migrates, relays)
+	$(WITH_ENV) $(CARGO) run --release -- run
+
+test: services-up ## Start dev services, then run the whole test suite
+	$(WITH_ENV) $(CARGO) test
+
+lint: ## rustfmt check and clippy with warnings as errors
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+bench: services-up ## Start dev services, then run every benchmark workload
+	$(WITH_ENV) $(CARGO) run --release -- bench all
+
+migrate: services-up ## Apply the schema migrations to DATABASE_URL
+	$(WITH_ENV) $(CARGO) run --release -- migrate
+
+services-up: ## Make sure Postgres and Redis answer (start them if needed)
+	$(DEV) up
+
+services-down: ## Stop the services that services-up started
+	$(DEV) down
+
+services-status: ## Say which services answer
+	$(DEV) status
+
+docker-up: ## Build the image and run Postgres, Redis and Herald with docker compose
+	docker compose up --build
