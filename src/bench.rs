@@ -222,10 +222,13 @@ impl BenchDb {
         url.set_path("/postgres");
         let admin_url = url.to_string();
         let admin = admin_client(base, &admin_url).await?;
+        // Two statements: DROP/CREATE DATABASE refuse an implicit transaction.
         admin
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {name} WITH (FORCE); CREATE DATABASE {name}"
-            ))
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await
+            .with_context(|| format!("dropping leftover database {name}"))?;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
             .await
             .with_context(|| format!("creating database {name}"))?;
         url.set_path(&format!("/{name}"));

@@ -138,6 +138,9 @@ impl Default for RelayConfig {
     }
 }
 
+/// `HERALD_<prefix>*` variables that are not settings.
+const RESERVED_ENV_PREFIXES: [&str; 3] = ["test_", "dev_", "ci_"];
+
 /// Sections whose keys the environment spells `HERALD_<SECTION>_<KEY>`.
 const SECTIONS: [&str; 3] = ["postgres", "redis", "relay"];
 
@@ -163,12 +166,19 @@ impl Config {
             .merge(
                 Env::prefixed("HERALD_")
                     .ignore(&["config"])
-                    // HERALD_TEST_* belong to the test suite.
-                    .filter(|key| !key.as_str().to_ascii_lowercase().starts_with("test_"))
+                    // HERALD_TEST_*, HERALD_DEV_* and HERALD_CI_* belong to the
+                    // test suite and the scripts, not to the daemon.
+                    .filter(|key| {
+                        let key = key.as_str().to_ascii_lowercase();
+                        !RESERVED_ENV_PREFIXES.iter().any(|p| key.starts_with(p))
+                    })
                     .map(|key| {
                         // Keys keep the environment's case until figment
                         // lowercases them after this mapping.
                         let key = key.as_str().to_ascii_lowercase();
+                        if key == "database_url" || key == "redis_url" {
+                            return key.into();
+                        }
                         for section in SECTIONS {
                             if let Some(rest) =
                                 key.strip_prefix(section).and_then(|r| r.strip_prefix('_'))
@@ -315,6 +325,8 @@ mod tests {
             jail.set_env("HERALD_POSTGRES_POOL_SIZE", "4");
             jail.set_env("REDIS_URL", "rediss://:s3cret@cache.example:6380/0");
             jail.set_env("HERALD_TEST_DATABASE_URL", "ignored");
+            jail.set_env("HERALD_DEV_PG_PORT", "5432");
+            jail.set_env("HERALD_CI_REDIS_PORT", "6379");
             let c = Config::load(None).map_err(|e| e.to_string())?;
             assert_eq!(c.channel_prefix, "file:");
             assert_eq!(c.partitions, 32);
@@ -356,7 +368,7 @@ mod tests {
             Ok(())
         });
         figment::Jail::expect_with(|jail| {
-            jail.set_env("REDIS_URL", "not a url");
+            jail.set_env("HERALD_REDIS_URL", "not a url");
             let err = Config::load(None).unwrap_err().to_string().to_lowercase();
             assert!(err.contains("redis_url"), "{err}");
             Ok(())

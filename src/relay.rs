@@ -64,14 +64,23 @@ WITH owned AS MATERIALIZED (
     SELECT id, event_id, topic, key, partition, payload, headers, created_at, attempts
     FROM claimed WHERE $2
 )
-SELECT id, topic,
+SELECT id, topic, partition,
        json_build_object('id', event_id, 'topic', topic, 'key', key, 'payload', payload,
                          'headers', headers, 'created_at', created_at)::text
 FROM claimed
 ORDER BY id";
 
+// Record a failed publish on the rows. $3 says whether it counts as an
+// attempt: only when Redis answered and refused, never for an outage.
 const RECORD_FAILURE: &str = "
-UPDATE herald.outbox SET attempts = attempts + 1, last_error = $2 WHERE id = ANY($1)";
+UPDATE herald.outbox
+SET attempts = attempts + CASE WHEN $3 THEN 1 ELSE 0 END, last_error = $2
+WHERE id = ANY($1)";
+
+// Wait for (not try) the partitions' transaction locks, in a fixed order.
+const LOCK_PARTITIONS: &str = "
+SELECT count(pg_advisory_xact_lock($1, p))
+FROM (SELECT DISTINCT unnest($2::smallint[]) AS p ORDER BY 1) AS parts";
 
 const DEAD_LETTER: &str = "
 WITH dead AS (
@@ -337,13 +346,15 @@ impl Drainer {
             return Ok(0);
         }
         let mut ids = Vec::with_capacity(rows.len());
+        let mut partitions = Vec::with_capacity(rows.len());
         let mut messages = Vec::with_capacity(rows.len());
         for row in &rows {
             ids.push(row.get::<_, i64>(0));
             let topic: &str = row.get(1);
+            partitions.push(row.get::<_, i16>(2));
             messages.push((
                 format!("{}{}", self.config.channel_prefix, topic),
-                row.get::<_, String>(2),
+                row.get::<_, String>(3),
             ));
         }
         let published =
@@ -360,23 +371,37 @@ impl Drainer {
                 Ok(rows.len())
             }
             Err(error) => {
-                // The rows come back on rollback; count the attempt on them
+                // The rows come back on rollback; note the failure on them
                 // and retire the ones that have failed too often.
                 tx.rollback().await.context("rolling back a failed batch")?;
                 drop(client);
-                self.record_failure(&ids, &error.to_string()).await?;
+                let counts = !is_outage(&error);
+                self.record_failure(&ids, &partitions, &error.to_string(), counts)
+                    .await?;
                 Err(error)
             }
         }
     }
 
-    async fn record_failure(&self, ids: &[i64], error: &str) -> Result<()> {
+    async fn record_failure(
+        &self,
+        ids: &[i64],
+        partitions: &[i16],
+        error: &str,
+        counts_as_attempt: bool,
+    ) -> Result<()> {
         let mut client = self.pool.get().await?;
         let tx = client
             .transaction()
             .await
             .context("beginning to record a failed batch")?;
-        tx.execute(RECORD_FAILURE, &[&ids, &error])
+        // Hold the partitions while the rows are locked by the UPDATE: a
+        // claim running meanwhile would skip them (SKIP LOCKED) and publish
+        // later events of their keys first.
+        tx.execute(LOCK_PARTITIONS, &[&PARTITION_LOCK_SPACE, &partitions])
+            .await
+            .context("locking the failed batch's partitions")?;
+        tx.execute(RECORD_FAILURE, &[&ids, &error, &counts_as_attempt])
             .await
             .context("recording a failed publish on herald.outbox")?;
         let dead = tx
@@ -422,6 +447,23 @@ impl Drainer {
             Ok(dropped) => tracing::debug!(dropped, "archive maintained"),
             Err(error) => tracing::warn!(%error, "archive maintenance failed"),
         }
+    }
+}
+
+/// Whether a publish failed because Redis could not be reached (no answer,
+/// refused, dropped, timed out), as opposed to Redis answering with an
+/// error. An outage must not spend events' attempts: they wait instead.
+fn is_outage(error: &Error) -> bool {
+    match error {
+        Error::RedisPool(_) | Error::Timeout(..) => true,
+        Error::Redis { error, .. } => {
+            error.is_io_error()
+                || error.is_connection_dropped()
+                || error.is_connection_refusal()
+                || error.is_timeout()
+                || error.is_unrecoverable_error()
+        }
+        _ => false,
     }
 }
 

@@ -265,7 +265,7 @@ async fn terminated_listen_connection_recovers_with_low_latency() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn unreachable_redis_keeps_events_then_dead_letters_them() {
+async fn unreachable_redis_keeps_events_without_spending_attempts() {
     let port = common::free_port(); // nothing listens there
     let db = TestDb::with(|c| {
         c.redis_url = format!("redis://127.0.0.1:{port}");
@@ -288,23 +288,79 @@ async fn unreachable_redis_keeps_events_then_dead_letters_them() {
 
     let client = db.client().await;
     client
+        .query_one("SELECT herald.publish('test.wait', '{\"n\": 1}')", &[])
+        .await
+        .unwrap();
+    let relay = db.relay();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while relay
+        .stats
+        .failed_batches
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < 10
+    {
+        assert!(Instant::now() < deadline, "the relay keeps retrying");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    relay.stop().await;
+    // An outage is not the event's fault: it waits, attempts unspent, with
+    // the reason on the row for operators.
+    let row = client
+        .query_one("SELECT attempts, last_error FROM herald.outbox", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), 0);
+    let last_error: String = row.get(1);
+    assert!(last_error.contains("redis"), "{last_error}");
+    assert_eq!(
+        db.count("SELECT count(*) FROM herald.dead_letters").await,
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_redis_refuses_become_dead_letters_after_max_attempts() {
+    // A Redis that answers but refuses PUBLISH to this user (ACL).
+    let redis = RedisServer::start();
+    let admin = redis::Client::open(redis.url()).unwrap();
+    let mut conn = admin.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER", "relay", "on", ">pw", "~*", "&*", "+@all", "-publish",
+        ])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let db = TestDb::with(|c| {
+        c.redis_url = format!("redis://relay:pw@127.0.0.1:{}", redis.port);
+        c.relay.max_attempts = 3;
+        c.relay.backoff_min = Duration::from_millis(20);
+        c.relay.backoff_max = Duration::from_millis(50);
+    })
+    .await;
+    let client = db.client().await;
+    client
         .query_one(
             "SELECT herald.publish('test.dead', '{\"n\": 1}', 'k', '{\"correlation_id\": \"c\"}')",
             &[],
         )
         .await
         .unwrap();
+    client
+        .query_one("SELECT herald.publish('test.dead', '{\"n\": 2}', 'k')", &[])
+        .await
+        .unwrap();
     let relay = db.relay();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while db.count("SELECT count(*) FROM herald.dead_letters").await == 0 {
-        assert!(Instant::now() < deadline, "the event becomes a dead letter");
+    while db.count("SELECT count(*) FROM herald.dead_letters").await < 2 {
+        assert!(Instant::now() < deadline, "the events become dead letters");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     relay.stop().await;
     let row = client
         .query_one(
             "SELECT source, topic, key, payload, headers, attempts, last_error, jsonb_array_length(errors) \
-             FROM herald.dead_letters",
+             FROM herald.dead_letters ORDER BY original_id LIMIT 1",
             &[],
         )
         .await
@@ -319,7 +375,10 @@ async fn unreachable_redis_keeps_events_then_dead_letters_them() {
     );
     assert_eq!(row.get::<_, i32>(5), 3);
     let last_error: String = row.get(6);
-    assert!(last_error.contains("redis"), "{last_error}");
+    assert!(
+        last_error.to_lowercase().contains("publish"),
+        "{last_error}"
+    );
     assert_eq!(row.get::<_, i32>(7), 1);
     assert_eq!(db.count("SELECT count(*) FROM herald.outbox").await, 0);
 }
