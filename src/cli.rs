@@ -38,11 +38,55 @@ pub enum Command {
     #[command(after_help = "Example:\n  DATABASE_URL=postgres://app@db/app herald migrate")]
     Migrate,
 
-    /// Run every Herald service in this process (today: the relay).
+    /// Run every Herald service in this process: the relay and the workers.
     #[command(
-        after_help = "Migrates first unless HERALD_MIGRATE_ON_START=false.\n\nExample:\n  herald run"
+        after_help = "Migrates first unless HERALD_MIGRATE_ON_START=false. Workers run the \
+built-in kinds (herald.noop, herald.sleep, herald.fail); applications embed the library to add \
+their own handlers.\n\nExample:\n  HERALD_WORKER_QUEUES='[default, emails=4]' herald run"
     )]
     Run,
+
+    /// Run workers for task queues until SIGTERM/SIGINT.
+    #[command(
+        after_help = "On SIGTERM: stop claiming, let tasks finish within worker.shutdown_grace, \
+then hand the rest back to the queue.\n\nExample:\n  herald worker --queues default,emails --concurrency 20"
+    )]
+    Worker {
+        /// Queues to work, comma-separated; `name=N` sets a queue's concurrency.
+        #[arg(long, value_delimiter = ',')]
+        queues: Option<Vec<String>>,
+        /// Tasks run at once per queue.
+        #[arg(long)]
+        concurrency: Option<usize>,
+    },
+
+    /// Enqueue one task (in its own transaction); prints its id.
+    #[command(
+        after_help = "Example:\n  herald enqueue email.send '{\"to\": \"a@example.com\"}' --queue emails --delay 30s --unique-key welcome:17"
+    )]
+    Enqueue {
+        /// Task kind: letters, digits, '.', '_', '-', ':'.
+        kind: String,
+        /// Payload: one JSON value.
+        json: String,
+        #[arg(long, default_value = "default")]
+        queue: String,
+        /// Run no earlier than this from now (e.g. 30s, 5m, 2h).
+        #[arg(long, value_parser = parse_delay, allow_hyphen_values = true)]
+        delay: Option<std::time::Duration>,
+        /// Higher runs first.
+        #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+        priority: i32,
+        /// Attempts before the task becomes a dead letter.
+        #[arg(long, default_value_t = crate::queue::DEFAULT_MAX_ATTEMPTS, allow_negative_numbers = true)]
+        max_attempts: i32,
+        /// Return the unfinished task holding this key instead of a new one.
+        #[arg(long)]
+        unique_key: Option<String>,
+        /// Fail the attempt when the handler runs longer (e.g. 30s).
+        #[arg(long, value_parser = parse_delay)]
+        timeout: Option<std::time::Duration>,
+    },
 
     /// Relay committed outbox events to Redis until SIGTERM/SIGINT.
     #[command(
@@ -110,7 +154,55 @@ pub async fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Run | Command::Relay => run_relay(&config).await?,
+        Command::Relay => run_services(&config, true, false).await?,
+        Command::Run => run_services(&config, true, true).await?,
+        Command::Worker {
+            queues,
+            concurrency,
+        } => {
+            let mut config = config;
+            if let Some(n) = concurrency {
+                if n == 0 {
+                    bail!("--concurrency must be at least 1");
+                }
+                config.worker.concurrency = n;
+            }
+            if let Some(q) = queues {
+                config.worker.queues = q;
+            }
+            config.validate()?;
+            run_services(&config, false, true).await?
+        }
+        Command::Enqueue {
+            kind,
+            json,
+            queue,
+            delay,
+            priority,
+            max_attempts,
+            unique_key,
+            timeout,
+        } => {
+            let mut task = crate::queue::Task::from_json_str(&kind, &json)?
+                .queue(queue)
+                .priority(priority)
+                .max_attempts(max_attempts);
+            if let Some(d) = delay {
+                task = task.delay(d);
+            }
+            if let Some(k) = unique_key {
+                task = task.unique_key(k);
+            }
+            if let Some(t) = timeout {
+                task = task.timeout(t);
+            }
+            let client = crate::db::connect(&config, "herald-cli").await?;
+            let id = crate::queue::Queue::from_config(&config)
+                .enqueue(&client, &task)
+                .await
+                .context("enqueueing the task")?;
+            println!("{id}");
+        }
         Command::Publish {
             topic,
             json,
@@ -175,14 +267,26 @@ pub fn shutdown_signal() -> CancellationToken {
     token
 }
 
-async fn run_relay(config: &Config) -> anyhow::Result<()> {
+/// Parse a non-negative duration such as `30s`; a negative one is refused.
+fn parse_delay(s: &str) -> Result<std::time::Duration, String> {
+    if s.trim_start().starts_with('-') {
+        return Err(format!(
+            "{s:?} is negative; a delay is 0 or more (e.g. 30s)"
+        ));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?}: {e} (expected e.g. 250ms, 30s, 5m, 2h)"))
+}
+
+/// The relay and/or the workers in this process, until SIGTERM/SIGINT.
+async fn run_services(config: &Config, relay: bool, workers: bool) -> anyhow::Result<()> {
     let shutdown = shutdown_signal();
     if config.migrate_on_start {
         crate::migrate::migrate(config).await.context(
             "migrating the database at start (disable with HERALD_MIGRATE_ON_START=false)",
         )?;
     }
-    let pool = crate::db::pool(config, "herald-relay")?;
+    let pool = crate::db::pool(config, "herald")?;
     let redis = crate::pubsub::redis_pool(config)?;
     // Fail fast on a wrong URL instead of backing off forever.
     {
@@ -194,14 +298,30 @@ async fn run_relay(config: &Config) -> anyhow::Result<()> {
         })?;
         crate::migrate::check_schema(&client).await?;
     }
-    if let Err(e) = redis.get().await {
-        tracing::warn!(
-            error = %e,
-            url = %crate::config::mask_url(&config.redis_url),
-            "Redis does not answer yet; the relay keeps events in the outbox and retries"
-        );
+    let mut services = tokio::task::JoinSet::new();
+    if relay {
+        if let Err(e) = redis.get().await {
+            tracing::warn!(
+                error = %e,
+                url = %crate::config::mask_url(&config.redis_url),
+                "Redis does not answer yet; the relay keeps events in the outbox and retries"
+            );
+        }
+        services.spawn(Relay::new(config, pool.clone(), redis).run(shutdown.clone()));
     }
-    Relay::new(config, pool, redis).run(shutdown).await?;
+    if workers {
+        let worker = crate::worker::Worker::new(config, pool, crate::worker::Registry::new());
+        services.spawn(worker.run(shutdown.clone()));
+    }
+    while let Some(done) = services.join_next().await {
+        // One service failing stops the others: the process exits non-zero
+        // and its supervisor restarts it.
+        if let Err(e) = done.context("a service panicked")? {
+            shutdown.cancel();
+            while services.join_next().await.is_some() {}
+            return Err(e.into());
+        }
+    }
     Ok(())
 }
 

@@ -31,6 +31,7 @@ pub struct Config {
     pub postgres: PostgresConfig,
     pub redis: RedisConfig,
     pub relay: RelayConfig,
+    pub worker: WorkerConfig,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -87,6 +88,74 @@ pub struct RelayConfig {
     pub retain_published: Option<Duration>,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Queues this process works, each `name` or `name=concurrency`.
+    pub queues: Vec<String>,
+    /// Tasks run at once per queue, unless the queue names its own.
+    pub concurrency: usize,
+    /// Most tasks claimed in one statement.
+    pub batch_size: usize,
+    /// How long a claim holds a task; extended every third of it while the
+    /// handler runs. A task whose lease expired is rescued (its worker died).
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// Safety poll when no notification arrives.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// How often expired leases are looked for.
+    #[serde(with = "humantime_serde")]
+    pub rescue_interval: Duration,
+    /// On SIGTERM, how long tasks in flight may take before they are
+    /// cancelled and handed back to the queue.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Keep succeeded tasks (state `succeeded`) this long; unset deletes
+    /// them at once. Cancelled tasks are kept this long, or a day.
+    #[serde(with = "humantime_serde")]
+    pub retain_completed: Option<Duration>,
+    /// First retry delay; doubles with every attempt, with ±20 % jitter.
+    #[serde(with = "humantime_serde")]
+    pub retry_base: Duration,
+    /// Longest retry delay.
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            queues: vec!["default".into()],
+            concurrency: 10,
+            batch_size: 500,
+            lease: Duration::from_secs(30),
+            poll_interval: Duration::from_secs(5),
+            rescue_interval: Duration::from_secs(5),
+            shutdown_grace: Duration::from_secs(25),
+            retain_completed: None,
+            retry_base: Duration::from_secs(2),
+            retry_max: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl WorkerConfig {
+    /// `(queue, concurrency)` pairs from `queues`.
+    pub fn queue_concurrency(&self) -> Vec<(String, usize)> {
+        self.queues
+            .iter()
+            .map(|q| match q.split_once('=') {
+                Some((name, n)) => (
+                    name.trim().to_string(),
+                    n.trim().parse().unwrap_or(self.concurrency),
+                ),
+                None => (q.trim().to_string(), self.concurrency),
+            })
+            .collect()
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -100,6 +169,7 @@ impl Default for Config {
             postgres: PostgresConfig::default(),
             redis: RedisConfig::default(),
             relay: RelayConfig::default(),
+            worker: WorkerConfig::default(),
         }
     }
 }
@@ -142,7 +212,7 @@ impl Default for RelayConfig {
 const RESERVED_ENV_PREFIXES: [&str; 3] = ["test_", "dev_", "ci_"];
 
 /// Sections whose keys the environment spells `HERALD_<SECTION>_<KEY>`.
-const SECTIONS: [&str; 3] = ["postgres", "redis", "relay"];
+const SECTIONS: [&str; 4] = ["postgres", "redis", "relay", "worker"];
 
 impl Config {
     /// Defaults, then the TOML file (`path`, else `HERALD_CONFIG` when set),
@@ -233,6 +303,8 @@ impl Config {
                 "relay.partitions_per_batch",
                 self.relay.partitions_per_batch,
             ),
+            ("worker.concurrency", self.worker.concurrency),
+            ("worker.batch_size", self.worker.batch_size),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -261,6 +333,35 @@ impl Config {
             return Err(Error::Config(format!(
                 "relay.backoff_min ({:?}) is larger than relay.backoff_max ({:?})",
                 self.relay.backoff_min, self.relay.backoff_max
+            )));
+        }
+        if self.worker.queues.is_empty() {
+            return Err(Error::Config(
+                "worker.queues must name at least one queue".into(),
+            ));
+        }
+        for q in &self.worker.queues {
+            let (name, n) = match q.split_once('=') {
+                Some((name, n)) => (name.trim(), Some(n.trim())),
+                None => (q.trim(), None),
+            };
+            crate::queue::validate_name("queue", name, 128)
+                .map_err(|e| Error::Config(format!("worker.queues: {e}")))?;
+            if let Some(n) = n {
+                match n.parse::<usize>() {
+                    Ok(n) if n >= 1 => {}
+                    _ => {
+                        return Err(Error::Config(format!(
+                            "worker.queues: {q:?}: the concurrency after '=' must be a whole number of at least 1"
+                        )))
+                    }
+                }
+            }
+        }
+        if self.worker.lease < Duration::from_millis(300) {
+            return Err(Error::Config(format!(
+                "worker.lease must be at least 300ms, got {:?}",
+                self.worker.lease
             )));
         }
         if self

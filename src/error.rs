@@ -24,6 +24,9 @@ pub enum Error {
     #[error("invalid event: {0}")]
     InvalidEvent(String),
 
+    #[error("invalid task: {0}")]
+    InvalidTask(String),
+
     #[error("invalid configuration: {0}")]
     Config(String),
 

@@ -6,6 +6,8 @@
 //! - [`relay`]: the process that moves committed events to Redis.
 //! - [`pubsub`]: Redis publishing and the reconnecting `Subscriber`.
 //! - [`migrate`]: the schema in `sql/`, applied with refinery.
+//! - [`queue`]: the `Task` builder and `enqueue` / `enqueue_batch`.
+//! - [`worker`]: the worker runtime that runs handlers for tasks.
 //! - [`config`]: settings from defaults, TOML and the environment.
 
 pub mod bench;
@@ -16,11 +18,15 @@ pub mod error;
 pub mod migrate;
 pub mod outbox;
 pub mod pubsub;
+pub mod queue;
 pub mod relay;
 pub mod telemetry;
+pub mod worker;
 
 pub use config::Config;
 pub use error::{Error, Result};
 pub use outbox::{publish, publish_batch, Envelope, Event, Outbox};
 pub use pubsub::{Delivery, Subscriber};
+pub use queue::{enqueue, enqueue_batch, Queue, Task};
 pub use relay::Relay;
+pub use worker::{Outcome, Registry, TaskContext, Worker};

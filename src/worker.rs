@@ -1,0 +1,1038 @@
+//! The worker runtime: runs handlers for tasks claimed from `herald.tasks`.
+//!
+//! Small services, each with one job (after River's layout):
+//! - the *listener* holds a dedicated LISTEN connection (`herald_tasks`
+//!   wakes producers, `herald_cancel` fires a running task's token);
+//! - one *producer* per queue claims due tasks in batches with
+//!   `FOR UPDATE SKIP LOCKED` into `running` under a lease, bounded by the
+//!   queue's concurrency, and sleeps until the next `run_at` when idle;
+//! - *executors* run one handler each, with timeout, panic capture and
+//!   cancellation;
+//! - the *completer* writes outcomes, successes in batches;
+//! - the *heartbeat* extends the leases of running tasks and notices lost
+//!   ones and cancellation requests a NOTIFY missed;
+//! - the *rescuer* returns tasks whose lease expired to the queue.
+//!
+//! It must never complete, retry or release a task whose lease it no longer
+//! holds: every write names the task's id, attempt and this worker's id.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use futures_util::future::{poll_fn, BoxFuture};
+use futures_util::FutureExt;
+use rand::Rng;
+use serde::de::DeserializeOwned;
+use serde_json::{Map, Value};
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::error::{describe_pg, Context, Error, Result};
+
+/// `application_name` of the worker's LISTEN connection.
+pub const LISTEN_APPLICATION_NAME: &str = "herald-worker-listen";
+
+/// What a handler asks for besides plain success (`Ok(())`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Done: the task is completed.
+    Done,
+    /// Run again after this long without spending an attempt.
+    Snooze(Duration),
+    /// Stop for good: the task ends `cancelled` with this reason.
+    Cancel(String),
+}
+
+impl From<()> for Outcome {
+    fn from(_: ()) -> Outcome {
+        Outcome::Done
+    }
+}
+
+/// Marks a handler error as permanent: the task becomes a dead letter at
+/// once instead of being retried. Build one with [`permanent`].
+#[derive(Debug)]
+pub struct Permanent(pub String);
+
+impl std::fmt::Display for Permanent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Permanent {}
+
+/// An error that no retry can fix (bad input, say).
+pub fn permanent(message: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(Permanent(message.into()))
+}
+
+/// Exponential backoff with jitter: attempt n waits about
+/// `base * 2^(n-1)`, at most `max`, spread by ±`jitter` (a fraction).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    pub base: Duration,
+    pub max: Duration,
+    pub jitter: f64,
+}
+
+impl RetryPolicy {
+    pub fn delay(&self, attempt: i32) -> Duration {
+        let exp = attempt.clamp(1, 40) - 1;
+        let nominal = self
+            .base
+            .checked_mul(1u32 << exp.min(31))
+            .unwrap_or(self.max)
+            .min(self.max);
+        let spread = nominal.as_secs_f64() * self.jitter.clamp(0.0, 1.0);
+        let offset = if spread > 0.0 {
+            rand::rng().random_range(-spread..=spread)
+        } else {
+            0.0
+        };
+        Duration::from_secs_f64((nominal.as_secs_f64() + offset).max(0.0))
+    }
+}
+
+/// What a handler gets besides its payload.
+#[derive(Clone)]
+pub struct TaskContext {
+    pub id: i64,
+    pub kind: String,
+    pub queue: String,
+    /// 1 on the first run.
+    pub attempt: i32,
+    pub max_attempts: i32,
+    pub headers: Map<String, Value>,
+    cancel: CancellationToken,
+    pool: Pool,
+    worker_id: Arc<str>,
+}
+
+impl TaskContext {
+    /// Fires when the task is cancelled, times out, loses its lease or the
+    /// worker shuts down: stop soon after.
+    pub fn cancellation(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(Value::as_str)
+    }
+
+    /// Record progress in `herald.tasks.progress` (any JSON).
+    pub async fn progress(&self, progress: impl serde::Serialize) -> Result<()> {
+        let value = serde_json::to_string(&progress).map_err(|error| Error::Json {
+            what: format!("progress of task {}", self.id),
+            error,
+        })?;
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "UPDATE herald.tasks SET progress = $1::text::jsonb \
+                 WHERE id = $2 AND attempts = $3 AND leased_by = $4 AND state = 'running'",
+                &[&value, &self.id, &self.attempt, &&*self.worker_id],
+            )
+            .await
+            .context(format!("recording progress of task {}", self.id))?;
+        Ok(())
+    }
+}
+
+type HandlerFn =
+    Arc<dyn Fn(TaskContext, Value) -> BoxFuture<'static, anyhow::Result<Outcome>> + Send + Sync>;
+
+/// Per-kind settings next to the handler.
+#[derive(Debug, Clone, Default)]
+pub struct KindOptions {
+    pub retry: Option<RetryPolicy>,
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Clone)]
+struct Entry {
+    handler: HandlerFn,
+    options: KindOptions,
+}
+
+/// Handlers by task kind.
+#[derive(Clone)]
+pub struct Registry {
+    entries: HashMap<String, Entry>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry::new()
+    }
+}
+
+impl Registry {
+    /// A registry with the built-in kinds `herald.noop`, `herald.sleep`
+    /// (`{"ms": N}`) and `herald.fail` (`{"message": "..."}`).
+    pub fn new() -> Registry {
+        let mut r = Registry {
+            entries: HashMap::new(),
+        };
+        r.register("herald.noop", |_ctx, _payload: Value| async { Ok(()) });
+        #[derive(serde::Deserialize)]
+        struct Sleep {
+            ms: u64,
+        }
+        r.register("herald.sleep", |ctx: TaskContext, p: Sleep| async move {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(p.ms)) => {}
+                _ = ctx.cancellation().cancelled() => {}
+            }
+            Ok(())
+        });
+        #[derive(serde::Deserialize)]
+        struct Fail {
+            #[serde(default)]
+            message: Option<String>,
+        }
+        r.register("herald.fail", |_ctx, p: Fail| async move {
+            Err::<(), _>(anyhow::anyhow!(p
+                .message
+                .unwrap_or_else(|| "herald.fail always fails".into())))
+        });
+        r
+    }
+
+    /// Register `handler` for `kind`; its payload is decoded into `P` (a
+    /// payload that does not decode is a permanent failure).
+    pub fn register<P, F, Fut, O>(&mut self, kind: &str, handler: F) -> &mut Registry
+    where
+        P: DeserializeOwned + Send + 'static,
+        F: Fn(TaskContext, P) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = anyhow::Result<O>> + Send + 'static,
+        O: Into<Outcome>,
+    {
+        self.register_with(kind, KindOptions::default(), handler)
+    }
+
+    /// [`Registry::register`] with a retry policy and timeout for the kind.
+    pub fn register_with<P, F, Fut, O>(
+        &mut self,
+        kind: &str,
+        options: KindOptions,
+        handler: F,
+    ) -> &mut Registry
+    where
+        P: DeserializeOwned + Send + 'static,
+        F: Fn(TaskContext, P) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = anyhow::Result<O>> + Send + 'static,
+        O: Into<Outcome>,
+    {
+        let handler = Arc::new(handler);
+        let kind_name = kind.to_string();
+        let erased: HandlerFn = Arc::new(move |ctx, value| {
+            let handler = handler.clone();
+            let kind_name = kind_name.clone();
+            async move {
+                let payload: P = serde_json::from_value(value).map_err(|e| {
+                    permanent(format!(
+                        "payload of task kind {kind_name:?} does not decode as {}: {e}",
+                        std::any::type_name::<P>()
+                    ))
+                })?;
+                handler(ctx, payload).await.map(Into::into)
+            }
+            .boxed()
+        });
+        self.entries.insert(
+            kind.to_string(),
+            Entry {
+                handler: erased,
+                options,
+            },
+        );
+        self
+    }
+
+    pub fn kinds(&self) -> Vec<&str> {
+        let mut k: Vec<&str> = self.entries.keys().map(String::as_str).collect();
+        k.sort_unstable();
+        k
+    }
+}
+
+// ---------------------------------------------------------------- SQL
+
+const CLAIM: &str = "
+WITH c AS (
+    SELECT id FROM herald.tasks
+    WHERE state = 'ready' AND queue = $1 AND run_at <= now()
+    ORDER BY priority DESC, run_at, id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE herald.tasks t
+SET state = 'running', attempts = t.attempts + 1, leased_by = $3,
+    lease_expires_at = now() + make_interval(secs => $4), started_at = now()
+FROM c
+WHERE t.id = c.id
+RETURNING t.id, t.kind, t.payload::text, t.headers::text, t.attempts, t.max_attempts,
+          extract(epoch FROM t.timeout)::float8";
+
+// Seconds until the queue's earliest ready task is due (≤ 0: due now).
+const NEXT_DUE: &str = "
+SELECT extract(epoch FROM (min(run_at) - now()))::float8
+FROM herald.tasks WHERE state = 'ready' AND queue = $1";
+
+const COMPLETE_DELETE: &str = "
+DELETE FROM herald.tasks t
+USING unnest($1::bigint[], $2::int[]) AS d(id, attempt)
+WHERE t.id = d.id AND t.attempts = d.attempt AND t.leased_by = $3 AND t.state = 'running'";
+
+const COMPLETE_RETAIN: &str = "
+UPDATE herald.tasks t
+SET state = 'succeeded', finished_at = now(), lease_expires_at = NULL, leased_by = NULL
+FROM unnest($1::bigint[], $2::int[]) AS d(id, attempt)
+WHERE t.id = d.id AND t.attempts = d.attempt AND t.leased_by = $3 AND t.state = 'running'";
+
+const FAIL: &str = "SELECT herald.fail_task($1, $2, $3, $4, now() + make_interval(secs => $5), $6)";
+
+// Snooze and release give the attempt back: the task did not fail.
+const REQUEUE: &str = "
+WITH u AS (
+    UPDATE herald.tasks
+    SET state = 'ready', run_at = now() + make_interval(secs => $4), attempts = attempts - 1,
+        lease_expires_at = NULL, leased_by = NULL
+    WHERE id = $1 AND attempts = $2 AND leased_by = $3 AND state = 'running'
+    RETURNING 1
+)
+SELECT pg_notify('herald_tasks', '') FROM u";
+
+const CANCELLED: &str = "
+UPDATE herald.tasks
+SET state = 'cancelled', finished_at = now(), lease_expires_at = NULL, leased_by = NULL,
+    last_error = $4
+WHERE id = $1 AND attempts = $2 AND leased_by = $3 AND state = 'running'";
+
+const HEARTBEAT: &str = "
+UPDATE herald.tasks
+SET lease_expires_at = now() + make_interval(secs => $3)
+WHERE id = ANY($1) AND leased_by = $2 AND state = 'running'
+RETURNING id, cancel_requested_at IS NOT NULL";
+
+const RESCUE: &str = "SELECT herald.rescue_expired_leases(1000)";
+
+const REMOVE_FINISHED: &str = "
+DELETE FROM herald.tasks WHERE id IN (
+    SELECT id FROM herald.tasks
+    WHERE state IN ('succeeded', 'cancelled') AND finished_at < now() - make_interval(secs => $1)
+    LIMIT 1000)";
+
+// ---------------------------------------------------------------- runtime
+
+/// Why a running task's token fired.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum StopReason {
+    Cancelled,
+    LeaseLost,
+    Shutdown,
+}
+
+struct Running {
+    token: CancellationToken,
+    reason: Option<StopReason>,
+}
+
+#[derive(Debug)]
+enum Result_ {
+    Done,
+    Failed {
+        error: String,
+        permanent: bool,
+        retry_in: Duration,
+    },
+    Requeue(Duration),
+    Cancelled(String),
+    /// Nothing to write: the lease is gone.
+    Abandoned,
+}
+
+#[derive(Debug)]
+struct Completion {
+    id: i64,
+    attempt: i32,
+    result: Result_,
+}
+
+/// Counters for tests, benches and the CLI.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    pub claimed: std::sync::atomic::AtomicU64,
+    pub succeeded: std::sync::atomic::AtomicU64,
+    pub failed: std::sync::atomic::AtomicU64,
+    pub rescued: std::sync::atomic::AtomicU64,
+}
+
+struct Shared {
+    config: Config,
+    pool: Pool,
+    registry: Registry,
+    id: Arc<str>,
+    running: Mutex<HashMap<i64, Running>>,
+    stats: Arc<WorkerStats>,
+    default_retry: RetryPolicy,
+}
+
+pub struct Worker {
+    shared: Arc<Shared>,
+    queues: Vec<(String, usize)>,
+}
+
+impl Worker {
+    /// A worker for the queues and concurrency of `config.worker`.
+    pub fn new(config: &Config, pool: Pool, registry: Registry) -> Worker {
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".into());
+        let id = format!(
+            "{host}:{}:{}",
+            std::process::id(),
+            &uuid::Uuid::now_v7().simple().to_string()[24..]
+        );
+        let queues = config.worker.queue_concurrency();
+        Worker {
+            shared: Arc::new(Shared {
+                default_retry: RetryPolicy {
+                    base: config.worker.retry_base,
+                    max: config.worker.retry_max,
+                    jitter: 0.2,
+                },
+                config: config.clone(),
+                pool,
+                registry,
+                id: id.into(),
+                running: Mutex::new(HashMap::new()),
+                stats: Arc::new(WorkerStats::default()),
+            }),
+            queues,
+        }
+    }
+
+    /// This worker's id, as written to `herald.tasks.leased_by`.
+    pub fn id(&self) -> &str {
+        &self.shared.id
+    }
+
+    pub fn stats(&self) -> Arc<WorkerStats> {
+        self.shared.stats.clone()
+    }
+
+    /// Run until `shutdown`: then stop claiming, give tasks in flight
+    /// `worker.shutdown_grace` to finish, cancel the rest and hand their
+    /// leases back so another worker takes them at once.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        {
+            let client = self.shared.pool.get().await?;
+            crate::migrate::check_schema(&client).await?;
+        }
+        let shared = self.shared;
+        let (wake_tx, wake_rx) = watch::channel(0u64);
+        let wake_tx = Arc::new(wake_tx);
+        let (done_tx, done_rx) = mpsc::unbounded_channel::<Completion>();
+        let services = CancellationToken::new();
+
+        let listener = tokio::spawn(listen(shared.clone(), wake_tx.clone(), services.clone()));
+        let completer = tokio::spawn(complete(shared.clone(), done_rx));
+        let heartbeat = tokio::spawn(heartbeat(shared.clone(), services.clone()));
+        let rescuer = tokio::spawn(rescue(shared.clone(), services.clone()));
+
+        let mut producers = Vec::new();
+        let mut semaphores = Vec::new();
+        for (queue, concurrency) in self.queues.clone() {
+            let sem = Arc::new(Semaphore::new(concurrency));
+            semaphores.push((sem.clone(), concurrency));
+            producers.push(tokio::spawn(produce(
+                shared.clone(),
+                queue,
+                sem,
+                wake_rx.clone(),
+                done_tx.clone(),
+                shutdown.clone(),
+            )));
+        }
+        tracing::info!(worker = %shared.id, queues = ?self.queues, "worker started");
+        for p in producers {
+            let _ = p.await;
+        }
+        // Shutdown: wait for the tasks in flight, up to the grace period.
+        let grace = shared.config.worker.shutdown_grace;
+        let all_back = async {
+            for (sem, n) in &semaphores {
+                let _ = sem.acquire_many(*n as u32).await;
+            }
+        };
+        if tokio::time::timeout(grace, all_back).await.is_err() {
+            let mut running = shared.running.lock().unwrap_or_else(|e| e.into_inner());
+            tracing::warn!(
+                tasks = running.len(),
+                ?grace,
+                "tasks still running after the grace period; cancelling them and releasing their leases"
+            );
+            for r in running.values_mut() {
+                r.reason.get_or_insert(StopReason::Shutdown);
+                r.token.cancel();
+            }
+        }
+        // Executors hold their own sender; once all have sent, the
+        // completer drains and ends.
+        drop(done_tx);
+        let _ = completer.await;
+        services.cancel();
+        let _ = tokio::join!(listener, heartbeat, rescuer);
+        tracing::info!(worker = %shared.id, "worker stopped");
+        Ok(())
+    }
+}
+
+/// LISTEN herald_tasks (wake producers) and herald_cancel (fire tokens).
+async fn listen(shared: Arc<Shared>, wake: Arc<watch::Sender<u64>>, stop: CancellationToken) {
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let session = async {
+            let pg = crate::db::pg_config(&shared.config, LISTEN_APPLICATION_NAME)?;
+            let (client, mut connection) = pg
+                .connect(NoTls)
+                .await
+                .context("opening the worker's LISTEN connection")?;
+            let (end_tx, end_rx) = tokio::sync::oneshot::channel::<String>();
+            let shared2 = shared.clone();
+            let wake2 = wake.clone();
+            tokio::spawn(async move {
+                let end = loop {
+                    match poll_fn(|cx| connection.poll_message(cx)).await {
+                        Some(Ok(AsyncMessage::Notification(n))) => {
+                            if n.channel() == "herald_cancel" {
+                                if let Ok(id) = n.payload().parse::<i64>() {
+                                    shared2.stop_task(id, StopReason::Cancelled);
+                                }
+                            } else {
+                                wake2.send_modify(|g| *g += 1);
+                            }
+                        }
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => break describe_pg(&e),
+                        None => break "closed by the server".to_string(),
+                    }
+                };
+                let _ = end_tx.send(end);
+            });
+            client
+                .batch_execute("LISTEN herald_tasks; LISTEN herald_cancel")
+                .await
+                .context("LISTEN herald_tasks, herald_cancel")?;
+            // Anything enqueued before LISTEN took effect is found now.
+            wake.send_modify(|g| *g += 1);
+            let reason = end_rx.await.unwrap_or_else(|_| "driver ended".into());
+            drop(client);
+            Ok::<String, Error>(reason)
+        };
+        let outcome = tokio::select! {
+            _ = stop.cancelled() => return,
+            o = session => o,
+        };
+        match outcome {
+            Ok(reason) => {
+                backoff = Duration::from_millis(50);
+                tracing::warn!(%reason, "worker LISTEN connection lost; reconnecting");
+            }
+            Err(error) => {
+                tracing::warn!(%error, "worker LISTEN connection failed");
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+        wake.send_modify(|g| *g += 1);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+    }
+}
+
+impl Shared {
+    fn stop_task(&self, id: i64, reason: StopReason) {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = running.get_mut(&id) {
+            r.reason.get_or_insert(reason);
+            r.token.cancel();
+        }
+    }
+
+    async fn claim(&self, queue: &str, limit: usize) -> Result<Vec<tokio_postgres::Row>> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(CLAIM)
+            .await
+            .context("preparing the task claim")?;
+        client
+            .query(
+                &stmt,
+                &[
+                    &queue,
+                    &(limit as i64),
+                    &&*self.id,
+                    &self.config.worker.lease.as_secs_f64(),
+                ],
+            )
+            .await
+            .context(format!("claiming tasks from queue {queue:?}"))
+    }
+
+    async fn next_due(&self, queue: &str) -> Result<Option<f64>> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(NEXT_DUE)
+            .await
+            .context("preparing next-due")?;
+        let row = client
+            .query_one(&stmt, &[&queue])
+            .await
+            .context("finding the next due task")?;
+        Ok(row.get(0))
+    }
+}
+
+/// Claim and start tasks of one queue while permits are free.
+async fn produce(
+    shared: Arc<Shared>,
+    queue: String,
+    sem: Arc<Semaphore>,
+    mut wake: watch::Receiver<u64>,
+    done: mpsc::UnboundedSender<Completion>,
+    shutdown: CancellationToken,
+) {
+    let cfg = &shared.config.worker;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        if shutdown.is_cancelled() {
+            return;
+        }
+        wake.borrow_and_update();
+        if sem.available_permits() == 0 {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                p = sem.clone().acquire_owned() => drop(p),
+            }
+            continue;
+        }
+        let want = sem.available_permits().min(cfg.batch_size);
+        let rows = match shared.claim(&queue, want).await {
+            Ok(rows) => {
+                backoff = Duration::from_millis(100);
+                rows
+            }
+            Err(error) => {
+                tracing::warn!(%error, %queue, "claiming tasks failed; backing off");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let claimed = rows.len();
+        shared
+            .stats
+            .claimed
+            .fetch_add(claimed as u64, std::sync::atomic::Ordering::Relaxed);
+        for row in rows {
+            // Only this producer takes permits, so the ones counted above
+            // are still free.
+            let Ok(permit) = sem.clone().try_acquire_owned() else {
+                tracing::error!("no permit for a claimed task; it will be rescued after its lease");
+                continue;
+            };
+            start(shared.clone(), &queue, row, permit, done.clone());
+        }
+        if claimed >= want {
+            continue;
+        }
+        // Idle: sleep until the next task is due, a NOTIFY, or the poll.
+        let mut pause = cfg.poll_interval;
+        match shared.next_due(&queue).await {
+            Ok(Some(secs)) if secs <= 0.0 => continue,
+            Ok(Some(secs)) => pause = pause.min(Duration::from_secs_f64(secs)),
+            Ok(None) => {}
+            Err(error) => tracing::warn!(%error, "finding the next due task failed"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = wake.changed() => {}
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// Spawn the executor of one claimed task.
+fn start(
+    shared: Arc<Shared>,
+    queue: &str,
+    row: tokio_postgres::Row,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    done: mpsc::UnboundedSender<Completion>,
+) {
+    let id: i64 = row.get(0);
+    let kind: String = row.get(1);
+    let payload: String = row.get(2);
+    let headers: String = row.get(3);
+    let attempt: i32 = row.get(4);
+    let max_attempts: i32 = row.get(5);
+    let task_timeout: Option<f64> = row.get(6);
+    let token = CancellationToken::new();
+    shared
+        .running
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(
+            id,
+            Running {
+                token: token.clone(),
+                reason: None,
+            },
+        );
+    let headers = match serde_json::from_str::<Value>(&headers) {
+        Ok(Value::Object(m)) => m,
+        _ => Map::new(),
+    };
+    let ctx = TaskContext {
+        id,
+        kind: kind.clone(),
+        queue: queue.to_string(),
+        attempt,
+        max_attempts,
+        headers,
+        cancel: token.clone(),
+        pool: shared.pool.clone(),
+        worker_id: shared.id.clone(),
+    };
+    tokio::spawn(async move {
+        let result = execute(&shared, ctx, &kind, &payload, task_timeout, &token).await;
+        let _ = done.send(Completion {
+            id,
+            attempt,
+            result,
+        });
+        drop(permit);
+    });
+}
+
+async fn execute(
+    shared: &Shared,
+    ctx: TaskContext,
+    kind: &str,
+    payload: &str,
+    task_timeout: Option<f64>,
+    token: &CancellationToken,
+) -> Result_ {
+    let id = ctx.id;
+    let attempt = ctx.attempt;
+    let Some(entry) = shared.registry.entries.get(kind) else {
+        return Result_::Failed {
+            error: format!(
+                "no handler for task kind {kind:?} on worker {} (it handles: {})",
+                shared.id,
+                shared.registry.kinds().join(", ")
+            ),
+            permanent: false,
+            retry_in: retry_policy(shared, None).delay(attempt),
+        };
+    };
+    let retry = retry_policy(shared, Some(entry));
+    let value: Value = match serde_json::from_str(payload) {
+        Ok(v) => v,
+        Err(e) => {
+            return Result_::Failed {
+                error: format!("payload is not JSON: {e}"),
+                permanent: true,
+                retry_in: Duration::ZERO,
+            }
+        }
+    };
+    let timeout = task_timeout
+        .filter(|s| *s > 0.0)
+        .map(Duration::from_secs_f64)
+        .or(entry.options.timeout);
+    let run = AssertUnwindSafe((entry.handler)(ctx, value)).catch_unwind();
+    let outcome = tokio::select! {
+        r = run => Some(r),
+        _ = token.cancelled() => None,
+        _ = sleep_or_forever(timeout) => {
+            token.cancel();
+            return Result_::Failed {
+                error: format!("timed out after {:?}", timeout.unwrap_or_default()),
+                permanent: false,
+                retry_in: retry.delay(attempt),
+            };
+        }
+    };
+    let stop_reason = || {
+        shared
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .and_then(|r| r.reason)
+    };
+    match outcome {
+        None => match stop_reason() {
+            Some(StopReason::Cancelled) => Result_::Cancelled("cancelled on request".into()),
+            Some(StopReason::Shutdown) => Result_::Requeue(Duration::ZERO),
+            _ => Result_::Abandoned,
+        },
+        Some(Err(panic)) => {
+            let msg = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic".into());
+            Result_::Failed {
+                error: format!("handler panicked: {msg}"),
+                permanent: false,
+                retry_in: retry.delay(attempt),
+            }
+        }
+        Some(Ok(Ok(Outcome::Done))) => Result_::Done,
+        Some(Ok(Ok(Outcome::Snooze(d)))) => Result_::Requeue(d),
+        Some(Ok(Ok(Outcome::Cancel(reason)))) => Result_::Cancelled(reason),
+        Some(Ok(Err(error))) => {
+            let permanent = error.downcast_ref::<Permanent>().is_some();
+            Result_::Failed {
+                error: format!("{error:#}"),
+                permanent,
+                retry_in: retry.delay(attempt),
+            }
+        }
+    }
+}
+
+fn retry_policy(shared: &Shared, entry: Option<&Entry>) -> RetryPolicy {
+    entry
+        .and_then(|e| e.options.retry)
+        .unwrap_or(shared.default_retry)
+}
+
+async fn sleep_or_forever(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Write outcomes: successes in batches, the rest one by one.
+async fn complete(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Completion>) {
+    const MAX_BATCH: usize = 1000;
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(c) => batch.push(c),
+                Err(_) => break,
+            }
+        }
+        let mut attempts_left = 5;
+        loop {
+            match write_completions(&shared, &batch).await {
+                Ok(()) => break,
+                Err(error) => {
+                    attempts_left -= 1;
+                    if attempts_left == 0 {
+                        tracing::error!(%error, tasks = batch.len(),
+                            "could not record task outcomes; their leases will expire and they run again");
+                        break;
+                    }
+                    tracing::warn!(%error, "recording task outcomes failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        let mut running = shared.running.lock().unwrap_or_else(|e| e.into_inner());
+        for c in batch.drain(..) {
+            running.remove(&c.id);
+        }
+    }
+}
+
+async fn write_completions(shared: &Shared, batch: &[Completion]) -> Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let client = shared.pool.get().await?;
+    let (ids, attempts): (Vec<i64>, Vec<i32>) = batch
+        .iter()
+        .filter(|c| matches!(c.result, Result_::Done))
+        .map(|c| (c.id, c.attempt))
+        .unzip();
+    if !ids.is_empty() {
+        let sql = if shared.config.worker.retain_completed.is_some() {
+            COMPLETE_RETAIN
+        } else {
+            COMPLETE_DELETE
+        };
+        let stmt = client
+            .prepare_cached(sql)
+            .await
+            .context("preparing completion")?;
+        client
+            .execute(&stmt, &[&ids, &attempts, &&*shared.id])
+            .await
+            .context(format!("completing {} tasks", ids.len()))?;
+        shared.stats.succeeded.fetch_add(ids.len() as u64, Relaxed);
+    }
+    for c in batch {
+        match &c.result {
+            Result_::Done | Result_::Abandoned => {}
+            Result_::Failed {
+                error,
+                permanent,
+                retry_in,
+            } => {
+                shared.stats.failed.fetch_add(1, Relaxed);
+                let row = client
+                    .query_one(
+                        FAIL,
+                        &[
+                            &c.id,
+                            &c.attempt,
+                            &&*shared.id,
+                            error,
+                            &retry_in.as_secs_f64(),
+                            permanent,
+                        ],
+                    )
+                    .await
+                    .context(format!("recording the failure of task {}", c.id))?;
+                let what: String = row.get(0);
+                tracing::info!(task = c.id, attempt = c.attempt, outcome = %what, %error, "task failed");
+            }
+            Result_::Requeue(after) => {
+                client
+                    .query(
+                        REQUEUE,
+                        &[&c.id, &c.attempt, &&*shared.id, &after.as_secs_f64()],
+                    )
+                    .await
+                    .context(format!("requeueing task {}", c.id))?;
+            }
+            Result_::Cancelled(reason) => {
+                client
+                    .execute(CANCELLED, &[&c.id, &c.attempt, &&*shared.id, reason])
+                    .await
+                    .context(format!("cancelling task {}", c.id))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Extend the leases of running tasks; stop the ones whose lease is gone or
+/// whose cancellation was requested.
+async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
+    let lease = shared.config.worker.lease;
+    let every = (lease / 3).max(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let ids: Vec<i64> = shared
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        if ids.is_empty() {
+            continue;
+        }
+        let result = async {
+            let client = shared.pool.get().await?;
+            client
+                .query(HEARTBEAT, &[&ids, &&*shared.id, &lease.as_secs_f64()])
+                .await
+                .context("extending task leases")
+        }
+        .await;
+        match result {
+            Ok(rows) => {
+                let held: HashMap<i64, bool> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+                for id in ids {
+                    match held.get(&id) {
+                        Some(true) => shared.stop_task(id, StopReason::Cancelled),
+                        Some(false) => {}
+                        // Completed meanwhile, or the lease is someone else's.
+                        None => {
+                            let still_running = shared
+                                .running
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .contains_key(&id);
+                            if still_running {
+                                shared.stop_task(id, StopReason::LeaseLost);
+                            }
+                        }
+                    }
+                }
+            }
+            Err(error) => tracing::warn!(%error, "heartbeat failed"),
+        }
+    }
+}
+
+/// Return expired leases to the queue; remove retained finished tasks.
+async fn rescue(shared: Arc<Shared>, stop: CancellationToken) {
+    let cfg = &shared.config.worker;
+    let mut last_cleanup = Instant::now();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(cfg.rescue_interval) => {}
+        }
+        let result = async {
+            let client = shared.pool.get().await?;
+            let n: i32 = client
+                .query_one(RESCUE, &[])
+                .await
+                .context("rescuing expired leases")?
+                .get(0);
+            if last_cleanup.elapsed() > Duration::from_secs(60) {
+                let keep = cfg.retain_completed.unwrap_or(Duration::from_secs(86400));
+                client
+                    .execute(REMOVE_FINISHED, &[&keep.as_secs_f64()])
+                    .await
+                    .context("removing finished tasks")?;
+                last_cleanup = Instant::now();
+            }
+            Ok::<i32, Error>(n)
+        }
+        .await;
+        match result {
+            Ok(0) => {}
+            Ok(n) => {
+                shared
+                    .stats
+                    .rescued
+                    .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(tasks = n, "rescued tasks whose lease expired");
+            }
+            Err(error) => tracing::warn!(%error, "rescuer failed"),
+        }
+    }
+}
