@@ -28,10 +28,22 @@ pub struct BenchArgs {
     /// Also run O2 with 1,000,000 events.
     #[arg(long)]
     pub large: bool,
+    /// Q2: tasks each worker process runs at once.
+    #[arg(long, default_value_t = 2000)]
+    pub q2_concurrency: usize,
+    /// Q2: most tasks one claim takes (worker.batch_size).
+    #[arg(long, default_value_t = 1000)]
+    pub q2_batch: usize,
+    /// Q2: worker processes.
+    #[arg(long, default_value_t = 1)]
+    pub q2_workers: usize,
     /// Write the results as markdown to this file (e.g. docs/benchmarks.md).
     #[arg(long, value_name = "FILE")]
     pub write: Option<PathBuf>,
 }
+
+/// The workloads of shared/bench-spec.md this build runs.
+const WORKLOADS: [&str; 7] = ["O1", "O2", "O3", "Q1", "Q1B", "Q2", "Q3"];
 
 /// One figure of one workload over several runs.
 #[derive(Debug, Clone)]
@@ -66,11 +78,12 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
     let mut wanted: Vec<String> = Vec::new();
     for w in &args.workloads {
         match w.to_ascii_uppercase().as_str() {
-            "ALL" => wanted.extend(["O1", "O2", "O3"].map(String::from)),
-            "O1" | "O2" | "O3" => wanted.push(w.to_ascii_uppercase()),
+            "ALL" => wanted.extend(WORKLOADS.map(String::from)),
+            w if WORKLOADS.contains(&w) => wanted.push(w.to_string()),
             other => bail!(
-                "unknown workload {other:?}: this build implements O1, O2, O3 (or all); \
-                 see shared/bench-spec.md"
+                "unknown workload {other:?}: this build implements {} (or all); \
+                 see shared/bench-spec.md",
+                WORKLOADS.join(", ")
             ),
         }
     }
@@ -85,6 +98,10 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
                 "O1" => o1(&db.config).await,
                 "O2" => o2(&db.config, args.large).await,
                 "O3" => o3(&db.config).await,
+                "Q1" => q1(&db.config).await,
+                "Q1B" => q1b(&db.config).await,
+                "Q2" => q2(&db.config, &args).await,
+                "Q3" => q3(&db.config).await,
                 _ => unreachable!("workloads were checked above"),
             };
             db.drop_db().await?;
@@ -262,25 +279,35 @@ async fn admin_client(base: &Config, admin_url: &str) -> anyhow::Result<tokio_po
     Ok(crate::db::connect(&config, "herald-bench").await?)
 }
 
-/// A `herald relay` child process against the bench database.
-struct RelayProcess(tokio::process::Child);
+/// A `herald relay` or `herald worker` child process against the bench
+/// database.
+struct HeraldProcess(tokio::process::Child);
 
-impl RelayProcess {
-    fn spawn(config: &Config) -> anyhow::Result<RelayProcess> {
+impl HeraldProcess {
+    fn relay(config: &Config) -> anyhow::Result<HeraldProcess> {
+        HeraldProcess::spawn(config, &["relay"], &[])
+    }
+
+    fn spawn(
+        config: &Config,
+        args: &[&str],
+        env: &[(&str, String)],
+    ) -> anyhow::Result<HeraldProcess> {
         let exe = std::env::current_exe().context("locating the herald binary")?;
         let child = tokio::process::Command::new(exe)
-            .arg("relay")
+            .args(args)
             .env("DATABASE_URL", &config.database_url)
             .env("REDIS_URL", &config.redis_url)
             .env("HERALD_CHANNEL_PREFIX", &config.channel_prefix)
             .env("HERALD_MIGRATE_ON_START", "false")
             .env("RUST_LOG", "warn")
             .env_remove("HERALD_CONFIG")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .context("starting `herald relay`")?;
-        Ok(RelayProcess(child))
+            .with_context(|| format!("starting `herald {}`", args.join(" ")))?;
+        Ok(HeraldProcess(child))
     }
 
     async fn stop(mut self) {
@@ -383,7 +410,7 @@ async fn o2(config: &Config, large: bool) -> anyhow::Result<RunResult> {
         client.batch_execute("VACUUM ANALYZE herald.outbox").await?;
         let mut rx = subscribe_all(config).await?;
         let started = Instant::now();
-        let relay = RelayProcess::spawn(config)?;
+        let relay = HeraldProcess::relay(config)?;
         let mut received = 0usize;
         let deadline = Duration::from_secs(30 + n as u64 / 2000);
         while received < n {
@@ -411,7 +438,7 @@ async fn o2(config: &Config, large: bool) -> anyhow::Result<RunResult> {
 /// 10 s; latency from COMMIT returned to received by a Redis subscriber.
 async fn o3(config: &Config) -> anyhow::Result<RunResult> {
     let mut rx = subscribe_all(config).await?;
-    let relay = RelayProcess::spawn(config)?;
+    let relay = HeraldProcess::relay(config)?;
     // Let the relay connect and park on LISTEN.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let client = crate::db::connect(config, "herald-bench").await?;
@@ -486,4 +513,189 @@ async fn o3(config: &Config) -> anyhow::Result<RunResult> {
     }
     relay.stop().await;
     Ok(out)
+}
+
+/// A no-op task carrying its sequence number.
+fn seq_task(seq: i64) -> anyhow::Result<crate::queue::Task> {
+    Ok(crate::queue::Task::new(
+        "herald.noop",
+        &json!({"seq": seq}),
+    )?)
+}
+
+/// Q1: 10,000 tasks, one enqueue transaction each, from one client.
+async fn q1(config: &Config) -> anyhow::Result<RunResult> {
+    const N: i64 = 10_000;
+    let mut client = crate::db::connect(config, "herald-bench").await?;
+    let queue = crate::queue::Queue::from_config(config);
+    let started = Instant::now();
+    for seq in 0..N {
+        let tx = client.transaction().await?;
+        queue.enqueue(&tx, &seq_task(seq)?).await?;
+        tx.commit().await?;
+    }
+    Ok(vec![(
+        "tasks_per_s".into(),
+        "tasks/s",
+        N as f64 / started.elapsed().as_secs_f64(),
+    )])
+}
+
+/// Q1b: 20,000 tasks through the bulk API, 1,000 per call.
+async fn q1b(config: &Config) -> anyhow::Result<RunResult> {
+    const N: i64 = 20_000;
+    let client = crate::db::connect(config, "herald-bench").await?;
+    let queue = crate::queue::Queue::from_config(config);
+    let batches: Vec<Vec<crate::queue::Task>> = (0..N / 1000)
+        .map(|b| (b * 1000..(b + 1) * 1000).map(seq_task).collect())
+        .collect::<anyhow::Result<_>>()?;
+    let started = Instant::now();
+    for batch in &batches {
+        queue.enqueue_batch(&client, batch).await?;
+    }
+    Ok(vec![(
+        "tasks_per_s".into(),
+        "tasks/s",
+        N as f64 / started.elapsed().as_secs_f64(),
+    )])
+}
+
+/// Q2: 20,000 no-op tasks waiting; start `herald worker` process(es); time
+/// until the database holds none.
+async fn q2(config: &Config, args: &BenchArgs) -> anyhow::Result<RunResult> {
+    const N: i64 = 20_000;
+    let client = crate::db::connect(config, "herald-bench").await?;
+    let queue = crate::queue::Queue::from_config(config);
+    for b in 0..N / 1000 {
+        let batch: Vec<_> = (b * 1000..(b + 1) * 1000)
+            .map(seq_task)
+            .collect::<anyhow::Result<_>>()?;
+        queue.enqueue_batch(&client, &batch).await?;
+    }
+    client.batch_execute("VACUUM ANALYZE herald.tasks").await?;
+    let concurrency = args.q2_concurrency.to_string();
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..args.q2_workers {
+        workers.push(HeraldProcess::spawn(
+            config,
+            &["worker", "--concurrency", &concurrency],
+            &[("HERALD_WORKER_BATCH_SIZE", args.q2_batch.to_string())],
+        )?);
+    }
+    let count = client.prepare("SELECT count(*) FROM herald.tasks").await?;
+    loop {
+        let left: i64 = client.query_one(&count, &[]).await?.get(0);
+        if left == 0 {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            bail!("Q2: {left} of {N} tasks still in herald.tasks after 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let rate = N as f64 / started.elapsed().as_secs_f64();
+    for w in workers {
+        w.stop().await;
+    }
+    Ok(vec![
+        ("tasks_per_s".into(), "tasks/s", rate),
+        ("worker_processes".into(), "count", args.q2_workers as f64),
+        (
+            "concurrency_per_worker".into(),
+            "tasks",
+            args.q2_concurrency as f64,
+        ),
+        ("claim_batch".into(), "tasks", args.q2_batch as f64),
+    ])
+}
+
+/// Q3: idle workers; one enqueue every 5 ms for 10 s; latency from the
+/// enqueue's COMMIT returned to the handler's start.
+async fn q3(config: &Config) -> anyhow::Result<RunResult> {
+    use std::sync::{Arc, Mutex};
+    const N: i64 = 2000;
+    let started_at: Arc<Mutex<HashMap<i64, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
+    // The worker runs on its own runtime and threads, as it would in its
+    // own process, so the producer's timer does not share its scheduler.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let worker_thread = {
+        let config = config.clone();
+        let started_at = started_at.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || -> anyhow::Result<()> {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(async move {
+                let mut registry = crate::worker::Registry::new();
+                registry.register("bench.q3", move |_ctx, p: serde_json::Value| {
+                    let now = Instant::now();
+                    let started_at = started_at.clone();
+                    async move {
+                        if let Some(seq) = p.get("seq").and_then(|s| s.as_i64()) {
+                            if let Ok(mut m) = started_at.lock() {
+                                m.insert(seq, now);
+                            }
+                        }
+                        Ok(())
+                    }
+                });
+                let pool = crate::db::pool(&config, "herald-bench-worker")?;
+                let worker = crate::worker::Worker::new(&config, pool, registry);
+                worker.run(stop).await?;
+                Ok(())
+            })
+        })
+    };
+    // Let the worker connect and park on LISTEN.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let client = crate::db::connect(config, "herald-bench").await?;
+    let queue = crate::queue::Queue::from_config(config);
+    let mut committed: HashMap<i64, Instant> = HashMap::new();
+    let mut ticker = tokio::time::interval(Duration::from_millis(5));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    for seq in 0..N {
+        ticker.tick().await;
+        let task = crate::queue::Task::new("bench.q3", &json!({"seq": seq}))?;
+        // Autocommit: the statement's return is the COMMIT's return.
+        queue.enqueue(&client, &task).await?;
+        committed.insert(seq, Instant::now());
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while started_at.lock().map(|m| m.len()).unwrap_or(0) < N as usize {
+        if Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.cancel();
+    let _ = tokio::task::spawn_blocking(move || worker_thread.join()).await;
+    let started = started_at.lock().map(|m| m.clone()).unwrap_or_default();
+    if started.len() < N as usize {
+        bail!("Q3: only {} of {N} tasks started", started.len());
+    }
+    let mut negative = 0usize;
+    let mut latencies: Vec<f64> = committed
+        .iter()
+        .filter_map(|(seq, c)| {
+            let at = started.get(seq)?;
+            Some(if at >= c {
+                (*at - *c).as_secs_f64() * 1000.0
+            } else {
+                negative += 1;
+                -((*c - *at).as_secs_f64() * 1000.0)
+            })
+        })
+        .collect();
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| latencies[((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1)];
+    Ok(vec![
+        ("p50_ms".into(), "ms", pct(0.50)),
+        ("p95_ms".into(), "ms", pct(0.95)),
+        ("p99_ms".into(), "ms", pct(0.99)),
+        ("max_ms".into(), "ms", *latencies.last().unwrap_or(&0.0)),
+        ("negative_samples".into(), "count", negative as f64),
+    ])
 }

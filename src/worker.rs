@@ -269,19 +269,18 @@ impl Registry {
 
 // ---------------------------------------------------------------- SQL
 
+// `id = ANY(ARRAY(...))` keeps the update on the primary key: a join
+// against the CTE lets the planner hash-join over a scan of the whole table.
 const CLAIM: &str = "
-WITH c AS (
+UPDATE herald.tasks t
+SET state = 'running', attempts = t.attempts + 1, leased_by = $3,
+    lease_expires_at = now() + make_interval(secs => $4), started_at = now()
+WHERE t.id = ANY(ARRAY(
     SELECT id FROM herald.tasks
     WHERE state = 'ready' AND queue = $1 AND run_at <= now()
     ORDER BY priority DESC, run_at, id
     LIMIT $2
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE herald.tasks t
-SET state = 'running', attempts = t.attempts + 1, leased_by = $3,
-    lease_expires_at = now() + make_interval(secs => $4), started_at = now()
-FROM c
-WHERE t.id = c.id
+    FOR UPDATE SKIP LOCKED))
 RETURNING t.id, t.kind, t.payload::text, t.headers::text, t.attempts, t.max_attempts,
           extract(epoch FROM t.timeout)::float8";
 
@@ -290,16 +289,19 @@ const NEXT_DUE: &str = "
 SELECT extract(epoch FROM (min(run_at) - now()))::float8
 FROM herald.tasks WHERE state = 'ready' AND queue = $1";
 
+// Ids go through `= ANY` (primary-key lookups); the attempt each id was
+// claimed at is looked up by position. A join against unnest() gets a
+// generic plan that scans the table once per id.
 const COMPLETE_DELETE: &str = "
 DELETE FROM herald.tasks t
-USING unnest($1::bigint[], $2::int[]) AS d(id, attempt)
-WHERE t.id = d.id AND t.attempts = d.attempt AND t.leased_by = $3 AND t.state = 'running'";
+WHERE t.id = ANY($1) AND t.leased_by = $3 AND t.state = 'running'
+  AND t.attempts = ($2::int[])[array_position($1, t.id)]";
 
 const COMPLETE_RETAIN: &str = "
 UPDATE herald.tasks t
 SET state = 'succeeded', finished_at = now(), lease_expires_at = NULL, leased_by = NULL
-FROM unnest($1::bigint[], $2::int[]) AS d(id, attempt)
-WHERE t.id = d.id AND t.attempts = d.attempt AND t.leased_by = $3 AND t.state = 'running'";
+WHERE t.id = ANY($1) AND t.leased_by = $3 AND t.state = 'running'
+  AND t.attempts = ($2::int[])[array_position($1, t.id)]";
 
 const FAIL: &str = "SELECT herald.fail_task($1, $2, $3, $4, now() + make_interval(secs => $5), $6)";
 
@@ -621,20 +623,30 @@ async fn produce(
 ) {
     let cfg = &shared.config.worker;
     let mut backoff = Duration::from_millis(100);
+    // Free permits worth a claim while the queue is busy.
+    let low_water = (sem.available_permits() / 4).clamp(1, cfg.batch_size);
     loop {
         if shutdown.is_cancelled() {
             return;
         }
         wake.borrow_and_update();
-        if sem.available_permits() == 0 {
+        if sem.available_permits() < low_water {
+            // Busy: claiming one task per freed permit would cost a round
+            // trip per task. Wait for a permit, then briefly for a batch.
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                p = sem.clone().acquire_owned() => drop(p),
+                p = sem.acquire() => drop(p),
             }
-            continue;
+            let _ = tokio::time::timeout(Duration::from_millis(2), async {
+                drop(sem.acquire_many(low_water as u32).await)
+            })
+            .await;
         }
         let want = sem.available_permits().min(cfg.batch_size);
-        let rows = match shared.claim(&queue, want).await {
+        let t0 = Instant::now();
+        let claimed_rows = shared.claim(&queue, want).await;
+        tracing::debug!(%queue, want, elapsed = ?t0.elapsed(), "claimed");
+        let rows = match claimed_rows {
             Ok(rows) => {
                 backoff = Duration::from_millis(100);
                 rows
@@ -850,6 +862,7 @@ async fn complete(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Completio
             }
         }
         let mut attempts_left = 5;
+        let t0 = Instant::now();
         loop {
             match write_completions(&shared, &batch).await {
                 Ok(()) => break,
@@ -865,6 +878,7 @@ async fn complete(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Completio
                 }
             }
         }
+        tracing::debug!(tasks = batch.len(), elapsed = ?t0.elapsed(), "outcomes recorded");
         let mut running = shared.running.lock().unwrap_or_else(|e| e.into_inner());
         for c in batch.drain(..) {
             running.remove(&c.id);
