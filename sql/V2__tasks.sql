@@ -63,7 +63,8 @@ COMMENT ON TABLE herald.tasks IS
 -- Dead letters of tasks keep what a replay needs.
 ALTER TABLE herald.dead_letters
     ADD COLUMN priority integer,
-    ADD COLUMN max_attempts integer;
+    ADD COLUMN max_attempts integer,
+    ADD COLUMN timeout interval;
 CREATE INDEX dead_letters_queue_kind ON herald.dead_letters (queue, kind) WHERE source = 'task';
 
 -- Wake idle workers. Constant payload: at most one notification per
@@ -198,9 +199,9 @@ BEGIN
         DELETE FROM herald.tasks WHERE id = p_id;
         INSERT INTO herald.dead_letters
             (source, original_id, kind, queue, payload, headers, attempts, errors, last_error,
-             created_at, priority, max_attempts)
+             created_at, priority, max_attempts, timeout)
         VALUES ('task', t.id, t.kind, t.queue, t.payload, t.headers, t.attempts, t.errors || entry,
-                p_error, t.created_at, t.priority, t.max_attempts);
+                p_error, t.created_at, t.priority, t.max_attempts, t.timeout);
         RETURN 'dead';
     END IF;
     UPDATE herald.tasks
@@ -244,9 +245,9 @@ BEGIN
             DELETE FROM herald.tasks WHERE id = t.id;
             INSERT INTO herald.dead_letters
                 (source, original_id, kind, queue, payload, headers, attempts, errors, last_error,
-                 created_at, priority, max_attempts)
+                 created_at, priority, max_attempts, timeout)
             VALUES ('task', t.id, t.kind, t.queue, t.payload, t.headers, t.attempts, t.errors || entry,
-                    msg, t.created_at, t.priority, t.max_attempts);
+                    msg, t.created_at, t.priority, t.max_attempts, t.timeout);
         ELSE
             UPDATE herald.tasks
             SET state = 'ready', run_at = now(), lease_expires_at = NULL, leased_by = NULL,
@@ -302,10 +303,10 @@ BEGIN
         RAISE EXCEPTION 'herald: no dead letter with id %', p_id USING ERRCODE = 'P0002';
     END IF;
     IF d.source = 'task' THEN
-        INSERT INTO herald.tasks (queue, kind, payload, headers, priority, max_attempts, errors)
+        INSERT INTO herald.tasks (queue, kind, payload, headers, priority, max_attempts, timeout, errors)
         VALUES (coalesce(d.queue, 'default'), d.kind, d.payload,
                 d.headers || jsonb_build_object('replayed_from', d.id),
-                coalesce(d.priority, 0), coalesce(d.max_attempts, 25), d.errors)
+                coalesce(d.priority, 0), coalesce(d.max_attempts, 25), d.timeout, d.errors)
         RETURNING id INTO v_id;
     ELSE
         INSERT INTO herald.outbox (event_id, topic, key, partition, payload, headers)

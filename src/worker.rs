@@ -804,6 +804,9 @@ async fn execute(
             .get(&id)
             .and_then(|r| r.reason)
     };
+    // A handler that noticed the token may return Ok: why the token fired
+    // decides the outcome, not what the handler returned.
+    let outcome = if token.is_cancelled() { None } else { outcome };
     match outcome {
         None => match stop_reason() {
             Some(StopReason::Cancelled) => Result_::Cancelled("cancelled on request".into()),
@@ -904,11 +907,12 @@ async fn write_completions(shared: &Shared, batch: &[Completion]) -> Result<()> 
             .prepare_cached(sql)
             .await
             .context("preparing completion")?;
-        client
+        let completed = client
             .execute(&stmt, &[&ids, &attempts, &&*shared.id])
             .await
             .context(format!("completing {} tasks", ids.len()))?;
-        shared.stats.succeeded.fetch_add(ids.len() as u64, Relaxed);
+        // Fewer rows than ids: those leases had passed to someone else.
+        shared.stats.succeeded.fetch_add(completed, Relaxed);
     }
     for c in batch {
         match &c.result {
