@@ -112,18 +112,21 @@ async fn a_relay_killed_mid_stream_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_restart_loses_nothing_and_the_subscriber_resumes() {
+    // The relay logs in as its own ACL user. After the restart that user
+    // starts disabled, so the test can let the subscriber reconnect before
+    // the relay may publish: pub/sub keeps nothing for a subscriber that is
+    // not there, and the test checks the relay, not that race.
     let mut redis = RedisServer::start();
+    redis.restart_with(&["--user", "relay", "on", ">pw", "~*", "&*", "+@all"]);
     let db = TestDb::with(|c| {
-        c.redis_url = format!("redis://127.0.0.1:{}", redis.port);
-        // A fixed retry pace, so the subscriber (50-100 ms) is back before
-        // the relay's first retry after Redis returns.
-        c.relay.backoff_min = Duration::from_millis(1000);
-        c.relay.backoff_max = Duration::from_millis(1000);
+        c.redis_url = format!("redis://relay:pw@127.0.0.1:{}", redis.port);
+        c.relay.backoff_min = Duration::from_millis(200);
+        c.relay.backoff_max = Duration::from_millis(500);
         c.redis.response_timeout = Duration::from_secs(1);
         c.redis.connect_timeout = Duration::from_secs(1);
     })
     .await;
-    let subscriber = Subscriber::from_config(&db.config)
+    let subscriber = Subscriber::new(&redis.url(), &db.config.channel_prefix)
         .unwrap()
         .pattern("*")
         .reconnect_backoff(Duration::from_millis(50), Duration::from_millis(100));
@@ -166,7 +169,25 @@ async fn redis_restart_loses_nothing_and_the_subscriber_resumes() {
             > 0,
         "the outage is recorded on the waiting events"
     );
-    redis.restart();
+    redis.restart_with(&["--user", "relay", "off", ">pw", "~*", "&*", "+@all"]);
+    assert!(
+        collector
+            .until(Duration::from_secs(10), |c| c.gaps >= 1)
+            .await,
+        "the subscriber reconnects by itself and reports its gap"
+    );
+    assert_eq!(
+        collector.distinct_ids(),
+        10,
+        "nothing was published meanwhile"
+    );
+    let admin = redis::Client::open(redis.url()).unwrap();
+    let mut conn = admin.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "relay", "on"])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
     assert!(
         collector.distinct(30, Duration::from_secs(20)).await,
         "every event arrives after Redis is back; got {}",

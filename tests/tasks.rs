@@ -9,7 +9,6 @@ mod common;
 
 use std::collections::HashSet;
 use std::future::Future;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -73,61 +72,26 @@ impl WorkerTask {
 }
 
 /// A `herald worker` child process.
-struct WorkerProcess {
-    child: tokio::process::Child,
-}
+struct WorkerProcess(common::HeraldProcess);
 
 impl WorkerProcess {
     fn spawn(config: &Config, args: &[&str], env: &[(&str, &str)]) -> WorkerProcess {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"));
-        cmd.arg("worker")
-            .args(args)
-            .env("DATABASE_URL", &config.database_url)
-            .env("REDIS_URL", &config.redis_url)
-            .env("HERALD_MIGRATE_ON_START", "false")
-            .env("HERALD_POSTGRES_POOL_SIZE", "4")
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .env_remove("HERALD_CONFIG")
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        WorkerProcess {
-            child: cmd.spawn().expect("spawning herald worker"),
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id().expect("worker is running")
+        let mut all = vec!["worker"];
+        all.extend_from_slice(args);
+        WorkerProcess(common::HeraldProcess::command(config, &all, env))
     }
 
     /// The part of `herald.tasks.leased_by` that names this process.
     fn marker(&self) -> String {
-        format!(":{}:", self.pid())
+        format!(":{}:", self.0.pid())
     }
 
-    fn signal(&self, signal: i32) {
-        // SAFETY: sending a signal to our own child process.
-        unsafe {
-            libc::kill(self.pid() as i32, signal);
-        }
+    async fn kill9(self) {
+        self.0.kill9().await
     }
 
-    async fn kill9(mut self) {
-        self.signal(libc::SIGKILL);
-        let _ = self.child.wait().await;
-    }
-
-    async fn terminate(mut self) -> std::process::ExitStatus {
-        self.signal(libc::SIGTERM);
-        tokio::time::timeout(Duration::from_secs(15), self.child.wait())
-            .await
-            .expect("worker exits within 15 s of SIGTERM")
-            .expect("waiting for the worker")
+    async fn terminate(self) -> std::process::ExitStatus {
+        self.0.terminate().await
     }
 }
 
@@ -365,7 +329,7 @@ async fn four_workers_run_ten_thousand_tasks_exactly_once_and_processes_drain_th
         assert!(
             holders.iter().any(|h| h.contains(&p.marker())),
             "process {} ran tasks; lease holders seen: {holders:?}",
-            p.pid()
+            p.0.pid()
         );
     }
     for p in procs {

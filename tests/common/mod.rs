@@ -161,20 +161,31 @@ impl RelayTask {
     }
 }
 
-/// A `herald relay` child process.
-pub struct RelayProcess {
+/// A `herald` child process (relay or worker) against a test database.
+pub struct HeraldProcess {
     pub child: tokio::process::Child,
 }
 
-impl RelayProcess {
-    pub fn spawn(config: &Config, extra_env: &[(&str, &str)]) -> RelayProcess {
+/// The relay is the usual child; see [`HeraldProcess::spawn`] for others.
+pub type RelayProcess = HeraldProcess;
+
+impl HeraldProcess {
+    /// `herald relay` with `extra_env`.
+    pub fn spawn(config: &Config, extra_env: &[(&str, &str)]) -> HeraldProcess {
+        HeraldProcess::command(config, &["relay"], extra_env)
+    }
+
+    /// `herald <args…>` with the test database, Redis and prefix, and a
+    /// small pool so that many processes fit in Postgres's connection limit.
+    pub fn command(config: &Config, args: &[&str], extra_env: &[(&str, &str)]) -> HeraldProcess {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"));
-        cmd.arg("relay")
+        cmd.args(args)
             .env("DATABASE_URL", &config.database_url)
             .env("REDIS_URL", &config.redis_url)
             .env("HERALD_CHANNEL_PREFIX", &config.channel_prefix)
             .env("HERALD_PARTITIONS", config.partitions.to_string())
             .env("HERALD_MIGRATE_ON_START", "false")
+            .env("HERALD_POSTGRES_POOL_SIZE", "4")
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -185,16 +196,21 @@ impl RelayProcess {
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
-        RelayProcess {
-            child: cmd.spawn().expect("spawning herald relay"),
+        HeraldProcess {
+            child: cmd
+                .spawn()
+                .unwrap_or_else(|e| panic!("spawning herald {}: {e}", args.join(" "))),
         }
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the process is running")
+    }
+
     pub fn signal(&self, signal: i32) {
-        let pid = self.child.id().expect("relay is running") as i32;
         // SAFETY: sending a signal to our own child process.
         unsafe {
-            libc::kill(pid, signal);
+            libc::kill(self.pid() as i32, signal);
         }
     }
 
@@ -208,8 +224,8 @@ impl RelayProcess {
         self.signal(libc::SIGTERM);
         tokio::time::timeout(Duration::from_secs(15), self.child.wait())
             .await
-            .expect("relay exits within 15 s of SIGTERM")
-            .expect("waiting for relay")
+            .expect("the process exits within 15 s of SIGTERM")
+            .expect("waiting for the process")
     }
 }
 
@@ -353,8 +369,14 @@ impl RedisServer {
 
     /// (Re)start on the same port and wait until it answers.
     pub fn restart(&mut self) {
+        self.restart_with(&[]);
+    }
+
+    /// (Re)start with extra `redis-server` arguments (config directives).
+    pub fn restart_with(&mut self, extra: &[&str]) {
         self.stop();
         let child = std::process::Command::new("redis-server")
+            .args(extra)
             .args([
                 "--port",
                 &self.port.to_string(),
