@@ -13,6 +13,8 @@ use crate::outbox::{Event, Outbox};
 use crate::pubsub::{Delivery, Subscriber};
 use crate::relay::Relay;
 
+mod inspect;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "herald",
@@ -120,6 +122,19 @@ Example:\n  herald tail 'payment.*'")]
         #[arg(required = true)]
         patterns: Vec<String>,
     },
+
+    /// Inspect and cancel tasks.
+    #[command(subcommand)]
+    Tasks(inspect::TasksCommand),
+
+    /// Inspect, replay and purge dead letters (herald.dead_letters).
+    #[command(subcommand)]
+    Dlq(inspect::DlqCommand),
+
+    /// Queues by state, the outbox backlog and dead letters at a glance.
+    #[command(after_help = "Reads herald.queue_stats, herald.outbox_backlog and \
+herald.dead_letter_summary.\n\nExample:\n  herald stats --watch 2s")]
+    Stats(inspect::StatsArgs),
 
     /// Print the effective configuration (TOML) with secrets masked.
     #[command(after_help = "Example:\n  HERALD_PARTITIONS=32 herald config")]
@@ -230,6 +245,9 @@ pub async fn main() -> anyhow::Result<()> {
             println!("{id}");
         }
         Command::Tail { patterns } => tail(&config, &patterns).await?,
+        Command::Tasks(command) => inspect::tasks(&config, command).await?,
+        Command::Dlq(command) => inspect::dead_letters(&config, command).await?,
+        Command::Stats(args) => inspect::stats(&config, args).await?,
         Command::Config => print!("{}", config.to_masked_toml()),
         Command::Bench(args) => crate::bench::run(&config, args).await?,
     }
@@ -271,7 +289,7 @@ pub fn shutdown_signal() -> CancellationToken {
 fn parse_delay(s: &str) -> Result<std::time::Duration, String> {
     if s.trim_start().starts_with('-') {
         return Err(format!(
-            "{s:?} is negative; a delay is 0 or more (e.g. 30s)"
+            "{s:?} is negative; expected a duration of 0 or more (e.g. 30s)"
         ));
     }
     humantime::parse_duration(s)

@@ -8,18 +8,22 @@
 //! - [`migrate`]: the schema in `sql/`, applied with refinery.
 //! - [`queue`]: the `Task` builder and `enqueue` / `enqueue_batch`.
 //! - [`worker`]: the worker runtime that runs handlers for tasks.
+//! - [`dlq`]: dead letters listed, replayed and purged.
+//! - [`stats`]: the operator views in one snapshot.
 //! - [`config`]: settings from defaults, TOML and the environment.
 
 pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod db;
+pub mod dlq;
 pub mod error;
 pub mod migrate;
 pub mod outbox;
 pub mod pubsub;
 pub mod queue;
 pub mod relay;
+pub mod stats;
 pub mod telemetry;
 pub mod worker;
 

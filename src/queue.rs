@@ -389,3 +389,118 @@ pub async fn cancel<C: GenericClient + Sync>(client: &C, id: i64) -> Result<Opti
         .context(format!("cancelling task {id}"))?;
     Ok(row.get(0))
 }
+
+/// One row of `herald.tasks`, as an operator sees it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TaskInfo {
+    pub id: i64,
+    pub queue: String,
+    pub kind: String,
+    pub state: String,
+    pub priority: i32,
+    pub run_at: DateTime<Utc>,
+    pub attempts: i32,
+    pub max_attempts: i32,
+    pub leased_by: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub unique_key: Option<String>,
+    /// Seconds, when the task has a timeout.
+    pub timeout_secs: Option<f64>,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    pub payload: Value,
+    pub headers: Value,
+    /// Every failed attempt: `[{attempt, at, worker, error}, …]`.
+    pub errors: Value,
+    pub progress: Option<Value>,
+}
+
+const TASK_COLUMNS: &str = "id, queue, kind, state, priority, run_at, attempts, max_attempts, \
+     leased_by, lease_expires_at, unique_key, extract(epoch FROM timeout)::float8 AS timeout_secs, \
+     last_error, created_at, started_at, finished_at, cancel_requested_at, payload, headers, \
+     errors, progress";
+
+impl TaskInfo {
+    fn from_row(r: &tokio_postgres::Row) -> TaskInfo {
+        TaskInfo {
+            id: r.get("id"),
+            queue: r.get("queue"),
+            kind: r.get("kind"),
+            state: r.get("state"),
+            priority: r.get("priority"),
+            run_at: r.get("run_at"),
+            attempts: r.get("attempts"),
+            max_attempts: r.get("max_attempts"),
+            leased_by: r.get("leased_by"),
+            lease_expires_at: r.get("lease_expires_at"),
+            unique_key: r.get("unique_key"),
+            timeout_secs: r.get("timeout_secs"),
+            last_error: r.get("last_error"),
+            created_at: r.get("created_at"),
+            started_at: r.get("started_at"),
+            finished_at: r.get("finished_at"),
+            cancel_requested_at: r.get("cancel_requested_at"),
+            payload: r.get("payload"),
+            headers: r.get("headers"),
+            errors: r.get("errors"),
+            progress: r.get("progress"),
+        }
+    }
+}
+
+/// Which tasks [`list_tasks`] returns; unset fields match everything.
+#[derive(Debug, Clone, Default)]
+pub struct TaskFilter {
+    pub queue: Option<String>,
+    pub kind: Option<String>,
+    /// `ready`, `running`, `succeeded` or `cancelled`.
+    pub state: Option<String>,
+}
+
+pub const TASK_STATES: [&str; 4] = ["ready", "running", "succeeded", "cancelled"];
+
+/// Tasks matching `filter` in the order workers would take them (running
+/// first, then ready by priority and due time, then finished), at most
+/// `limit`.
+pub async fn list_tasks<C: GenericClient + Sync>(
+    client: &C,
+    filter: &TaskFilter,
+    limit: i64,
+) -> Result<Vec<TaskInfo>> {
+    if let Some(state) = &filter.state {
+        if !TASK_STATES.contains(&state.as_str()) {
+            return Err(Error::InvalidTask(format!(
+                "unknown state {state:?}: expected one of {}",
+                TASK_STATES.join(", ")
+            )));
+        }
+    }
+    let sql = format!(
+        "SELECT {TASK_COLUMNS} FROM herald.tasks
+         WHERE ($1::text IS NULL OR queue = $1)
+           AND ($2::text IS NULL OR kind = $2)
+           AND ($3::text IS NULL OR state = $3)
+         ORDER BY array_position(ARRAY['running', 'ready', 'succeeded', 'cancelled'], state),
+                  priority DESC, run_at, id
+         LIMIT $4"
+    );
+    let rows = client
+        .query(&sql, &[&filter.queue, &filter.kind, &filter.state, &limit])
+        .await
+        .context("listing herald.tasks")?;
+    Ok(rows.iter().map(TaskInfo::from_row).collect())
+}
+
+/// One task, or `None` when no row has that id (it finished and was removed,
+/// or became a dead letter).
+pub async fn get_task<C: GenericClient + Sync>(client: &C, id: i64) -> Result<Option<TaskInfo>> {
+    let sql = format!("SELECT {TASK_COLUMNS} FROM herald.tasks WHERE id = $1");
+    let row = client
+        .query_opt(&sql, &[&id])
+        .await
+        .context(format!("reading task {id}"))?;
+    Ok(row.as_ref().map(TaskInfo::from_row))
+}
