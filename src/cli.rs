@@ -136,6 +136,17 @@ Example:\n  herald tail 'payment.*'")]
 herald.dead_letter_summary.\n\nExample:\n  herald stats --watch 2s")]
     Stats(inspect::StatsArgs),
 
+    /// Run the cron scheduler alone until SIGTERM/SIGINT.
+    #[command(
+        after_help = "Syncs [[schedules]] from the configuration, then fires due schedules. Run \
+as many as you like: each tick fires once across all of them.\n\nExample:\n  herald --config herald.toml scheduler"
+    )]
+    Scheduler,
+
+    /// List, add, remove, pause, resume and trigger cron schedules.
+    #[command(subcommand)]
+    Schedules(crate::cron::SchedulesCommand),
+
     /// Print the effective configuration (TOML) with secrets masked.
     #[command(after_help = "Example:\n  HERALD_PARTITIONS=32 herald config")]
     Config,
@@ -170,7 +181,9 @@ pub async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Relay => run_services(&config, true, false).await?,
-        Command::Run => run_services(&config, true, true).await?,
+        Command::Run => run_services_with(&config, true, true, config.scheduler.enabled).await?,
+        Command::Scheduler => run_services_with(&config, false, false, true).await?,
+        Command::Schedules(command) => crate::cron::run_schedules_command(&config, command).await?,
         Command::Worker {
             queues,
             concurrency,
@@ -298,6 +311,17 @@ fn parse_delay(s: &str) -> Result<std::time::Duration, String> {
 
 /// The relay and/or the workers in this process, until SIGTERM/SIGINT.
 async fn run_services(config: &Config, relay: bool, workers: bool) -> anyhow::Result<()> {
+    run_services_with(config, relay, workers, false).await
+}
+
+/// The relay, the workers and/or the scheduler in this process, until
+/// SIGTERM/SIGINT.
+async fn run_services_with(
+    config: &Config,
+    relay: bool,
+    workers: bool,
+    scheduler: bool,
+) -> anyhow::Result<()> {
     let shutdown = shutdown_signal();
     if config.migrate_on_start {
         crate::migrate::migrate(config).await.context(
@@ -326,6 +350,10 @@ async fn run_services(config: &Config, relay: bool, workers: bool) -> anyhow::Re
             );
         }
         services.spawn(Relay::new(config, pool.clone(), redis).run(shutdown.clone()));
+    }
+    if scheduler {
+        let scheduler = crate::cron::Scheduler::new(config, pool.clone());
+        services.spawn(scheduler.run(shutdown.clone()));
     }
     if workers {
         let worker = crate::worker::Worker::new(config, pool, crate::worker::Registry::new());

@@ -32,6 +32,10 @@ pub struct Config {
     pub redis: RedisConfig,
     pub relay: RelayConfig,
     pub worker: WorkerConfig,
+    pub scheduler: SchedulerConfig,
+    /// Cron schedules declared here (`[[schedules]]`), synced to
+    /// `herald.schedules` when `herald run` / `herald scheduler` start.
+    pub schedules: Vec<crate::cron::Schedule>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -123,6 +127,35 @@ pub struct WorkerConfig {
     pub retry_max: Duration,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// Whether `herald run` runs the scheduler (`herald scheduler` always does).
+    pub enabled: bool,
+    /// Safety poll: the longest a scheduler sleeps without looking at the
+    /// table, whatever the next tick (NOTIFY wakes it sooner).
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// A tick more than this late when a scheduler gets to it was missed and
+    /// follows its schedule's misfire policy.
+    #[serde(with = "humantime_serde")]
+    pub misfire_grace: Duration,
+    /// Most missed ticks one catch-up of a `misfire = "all"` schedule fires
+    /// (the latest ones).
+    pub max_backfill: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            enabled: true,
+            poll_interval: Duration::from_secs(30),
+            misfire_grace: Duration::from_secs(5),
+            max_backfill: 100,
+        }
+    }
+}
+
 impl Default for WorkerConfig {
     fn default() -> Self {
         WorkerConfig {
@@ -170,6 +203,8 @@ impl Default for Config {
             redis: RedisConfig::default(),
             relay: RelayConfig::default(),
             worker: WorkerConfig::default(),
+            scheduler: SchedulerConfig::default(),
+            schedules: Vec::new(),
         }
     }
 }
@@ -212,7 +247,7 @@ impl Default for RelayConfig {
 const RESERVED_ENV_PREFIXES: [&str; 3] = ["test_", "dev_", "ci_"];
 
 /// Sections whose keys the environment spells `HERALD_<SECTION>_<KEY>`.
-const SECTIONS: [&str; 4] = ["postgres", "redis", "relay", "worker"];
+const SECTIONS: [&str; 5] = ["postgres", "redis", "relay", "worker", "scheduler"];
 
 impl Config {
     /// Defaults, then the TOML file (`path`, else `HERALD_CONFIG` when set),
@@ -305,6 +340,7 @@ impl Config {
             ),
             ("worker.concurrency", self.worker.concurrency),
             ("worker.batch_size", self.worker.batch_size),
+            ("scheduler.max_backfill", self.scheduler.max_backfill),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -363,6 +399,28 @@ impl Config {
                 "worker.lease must be at least 300ms, got {:?}",
                 self.worker.lease
             )));
+        }
+        if self.scheduler.poll_interval < Duration::from_millis(100) {
+            return Err(Error::Config(format!(
+                "scheduler.poll_interval must be at least 100ms, got {:?}",
+                self.scheduler.poll_interval
+            )));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, s) in self.schedules.iter().enumerate() {
+            s.validate().map_err(|e| {
+                let msg = match e {
+                    Error::InvalidSchedule(m) => m,
+                    other => other.to_string(),
+                };
+                Error::Config(format!("schedules[{i}]: {msg}"))
+            })?;
+            if !names.insert(s.name.as_str()) {
+                return Err(Error::Config(format!(
+                    "schedules[{i}]: the name {:?} is used by another [[schedules]] entry; names must be unique",
+                    s.name
+                )));
+            }
         }
         if self
             .channel_prefix
@@ -478,6 +536,79 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("/nonexistent/herald.toml"), "{err}");
+    }
+
+    #[test]
+    fn schedules_and_scheduler_settings_load_from_the_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "herald.toml",
+                r#"
+                [scheduler]
+                max_backfill = 7
+                misfire_grace = "2s"
+                [[schedules]]
+                name = "nightly"
+                cron = "30 2 * * *"
+                kind = "report.build"
+                tz = "Europe/Berlin"
+                misfire = "once"
+                payload = { format = "pdf" }
+                [[schedules]]
+                name = "heartbeat"
+                cron = "*/10 * * * * *"
+                kind = "herald.noop"
+                "#,
+            )?;
+            jail.set_env("HERALD_CONFIG", "herald.toml");
+            jail.set_env("HERALD_SCHEDULER_POLL_INTERVAL", "10s");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.scheduler.max_backfill, 7);
+            assert_eq!(c.scheduler.misfire_grace, Duration::from_secs(2));
+            assert_eq!(c.scheduler.poll_interval, Duration::from_secs(10));
+            assert_eq!(c.schedules.len(), 2);
+            assert_eq!(c.schedules[0].misfire, crate::cron::Misfire::Once);
+            assert_eq!(c.schedules[0].payload, serde_json::json!({"format": "pdf"}));
+            assert_eq!(c.schedules[1].tz, "UTC");
+            assert_eq!(c.schedules[1].queue, "default");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_schedules_are_rejected_quoting_the_text() {
+        for (entry, needles) in [
+            (
+                r#"name = "a"
+                cron = "61 * * * *"
+                kind = "k""#,
+                vec!["schedules[0]", "\"61 * * * *\"", "expected 5 fields"],
+            ),
+            (
+                r#"name = "a"
+                cron = "* * * * *"
+                kind = "k"
+                tz = "Europe/Bärlin""#,
+                vec!["\"Europe/Bärlin\"", "IANA"],
+            ),
+            (
+                r#"name = "a"
+                cron = "* * * * *"
+                kind = "k"
+                misfire = "sometimes""#,
+                vec!["\"sometimes\"", "skip, once or all"],
+            ),
+        ] {
+            figment::Jail::expect_with(|jail| {
+                jail.create_file("herald.toml", &format!("[[schedules]]\n{entry}\n"))?;
+                jail.set_env("HERALD_CONFIG", "herald.toml");
+                let err = Config::load(None).unwrap_err().to_string();
+                for n in &needles {
+                    assert!(err.contains(n), "{n:?} not in {err}");
+                }
+                Ok(())
+            });
+        }
     }
 
     #[test]

@@ -24,8 +24,14 @@ pub enum Error {
     #[error("invalid event: {0}")]
     InvalidEvent(String),
 
+    #[error("payload of topic {topic:?} does not match its schema: {details}")]
+    SchemaViolation { topic: String, details: String },
+
     #[error("invalid task: {0}")]
     InvalidTask(String),
+
+    #[error("invalid schedule: {0}")]
+    InvalidSchedule(String),
 
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -10,11 +10,13 @@
 //! - [`worker`]: the worker runtime that runs handlers for tasks.
 //! - [`dlq`]: dead letters listed, replayed and purged.
 //! - [`stats`]: the operator views in one snapshot.
+//! - [`cron`]: cron schedules and the scheduler that fires them.
 //! - [`config`]: settings from defaults, TOML and the environment.
 
 pub mod bench;
 pub mod cli;
 pub mod config;
+pub mod cron;
 pub mod db;
 pub mod dlq;
 pub mod error;
