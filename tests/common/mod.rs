@@ -413,3 +413,24 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Run `herald <args…>` against the test database to its end, capturing
+/// stdout and stderr (same environment as [`HeraldProcess::command`]).
+pub async fn herald_output(config: &Config, args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(args)
+        .env("DATABASE_URL", &config.database_url)
+        .env("REDIS_URL", &config.redis_url)
+        .env("HERALD_CHANNEL_PREFIX", &config.channel_prefix)
+        .env("HERALD_PARTITIONS", config.partitions.to_string())
+        .env("HERALD_MIGRATE_ON_START", "false")
+        .env("HERALD_POSTGRES_POOL_SIZE", "4")
+        .env("RUST_LOG", "warn")
+        .env_remove("HERALD_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("running herald {}: {e}", args.join(" ")))
+}
