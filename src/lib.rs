@@ -5,6 +5,7 @@
 //! - [`outbox`]: the `Event` builder and `publish` / `publish_batch`.
 //! - [`relay`]: the process that moves committed events to Redis.
 //! - [`pubsub`]: Redis publishing and the reconnecting `Subscriber`.
+//! - [`cache`]: cache-aside over Redis with event-driven invalidation.
 //! - [`migrate`]: the schema in `sql/`, applied with refinery.
 //! - [`queue`]: the `Task` builder and `enqueue` / `enqueue_batch`.
 //! - [`worker`]: the worker runtime that runs handlers for tasks.
@@ -14,6 +15,7 @@
 //! - [`config`]: settings from defaults, TOML and the environment.
 
 pub mod bench;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod cron;
@@ -29,6 +31,7 @@ pub mod stats;
 pub mod telemetry;
 pub mod worker;
 
+pub use cache::Cache;
 pub use config::Config;
 pub use error::{Error, Result};
 pub use outbox::{publish, publish_batch, Envelope, Event, Outbox};
