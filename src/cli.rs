@@ -9,10 +9,11 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::outbox::{Event, Outbox};
+use crate::outbox::Event;
 use crate::pubsub::{Delivery, Subscriber};
 use crate::relay::Relay;
 
+mod events;
 mod inspect;
 
 #[derive(Debug, Parser)]
@@ -136,6 +137,14 @@ Example:\n  herald tail 'payment.*'")]
 herald.dead_letter_summary.\n\nExample:\n  herald stats --watch 2s")]
     Stats(inspect::StatsArgs),
 
+    /// The event catalog: declared topics, schemas and delivery modes.
+    #[command(subcommand)]
+    Events(events::EventsCommand),
+
+    /// Durable subscriptions: each matching event becomes a task.
+    #[command(subcommand)]
+    Subscriptions(events::SubscriptionsCommand),
+
     /// Run the cron scheduler alone until SIGTERM/SIGINT.
     #[command(
         after_help = "Syncs [[schedules]] from the configuration, then fires due schedules. Run \
@@ -250,17 +259,31 @@ pub async fn main() -> anyhow::Result<()> {
                 }
                 event = event.header(name, value);
             }
-            let client = crate::db::connect(&config, "herald-cli").await?;
-            let id = Outbox::from_config(&config)
-                .publish(&client, &event)
-                .await
-                .context("publishing the event")?;
+            // Checked against the catalog, and sent the way its type says.
+            let fire_and_forget = crate::events::Catalog::from_config(&config)?
+                .delivery(event.topic())
+                == crate::events::DeliveryMode::FireAndForget;
+            let redis = if fire_and_forget {
+                Some(crate::pubsub::redis_pool(&config)?)
+            } else {
+                None
+            };
+            let publisher = crate::events::Publisher::new(&config, redis)?;
+            let id = if fire_and_forget {
+                publisher.emit(&event).await
+            } else {
+                let client = crate::db::connect(&config, "herald-cli").await?;
+                publisher.publish(&client, &event).await
+            }
+            .context("publishing the event")?;
             println!("{id}");
         }
         Command::Tail { patterns } => tail(&config, &patterns).await?,
         Command::Tasks(command) => inspect::tasks(&config, command).await?,
         Command::Dlq(command) => inspect::dead_letters(&config, command).await?,
         Command::Stats(args) => inspect::stats(&config, args).await?,
+        Command::Events(command) => events::events(&config, command)?,
+        Command::Subscriptions(command) => events::subscriptions(&config, command).await?,
         Command::Config => print!("{}", config.to_masked_toml()),
         Command::Bench(args) => crate::bench::run(&config, args).await?,
     }
@@ -339,6 +362,12 @@ async fn run_services_with(
             )
         })?;
         crate::migrate::check_schema(&client).await?;
+    }
+    if relay {
+        let mut client = crate::db::connect(config, "herald").await?;
+        crate::subscriptions::sync_config(&mut client, &config.subscriptions)
+            .await
+            .context("syncing [[subscriptions]] to herald.subscriptions")?;
     }
     let mut services = tokio::task::JoinSet::new();
     if relay {

@@ -36,6 +36,13 @@ pub struct Config {
     /// Cron schedules declared here (`[[schedules]]`), synced to
     /// `herald.schedules` when `herald run` / `herald scheduler` start.
     pub schedules: Vec<crate::cron::Schedule>,
+    pub catalog: crate::events::CatalogConfig,
+    /// The event catalog (`[[events]]`): declared topics, their payload
+    /// schemas and delivery modes.
+    pub events: Vec<crate::events::EventType>,
+    /// Durable subscriptions declared here (`[[subscriptions]]`), synced to
+    /// `herald.subscriptions` when `herald run` / `herald relay` start.
+    pub subscriptions: Vec<crate::subscriptions::Subscription>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -205,6 +212,9 @@ impl Default for Config {
             worker: WorkerConfig::default(),
             scheduler: SchedulerConfig::default(),
             schedules: Vec::new(),
+            catalog: crate::events::CatalogConfig::default(),
+            events: Vec::new(),
+            subscriptions: Vec::new(),
         }
     }
 }
@@ -247,7 +257,14 @@ impl Default for RelayConfig {
 const RESERVED_ENV_PREFIXES: [&str; 3] = ["test_", "dev_", "ci_"];
 
 /// Sections whose keys the environment spells `HERALD_<SECTION>_<KEY>`.
-const SECTIONS: [&str; 5] = ["postgres", "redis", "relay", "worker", "scheduler"];
+const SECTIONS: [&str; 6] = [
+    "postgres",
+    "redis",
+    "relay",
+    "worker",
+    "scheduler",
+    "catalog",
+];
 
 impl Config {
     /// Defaults, then the TOML file (`path`, else `HERALD_CONFIG` when set),
@@ -302,6 +319,17 @@ impl Config {
 
     /// Reject settings that cannot work, naming the setting.
     pub fn validate(&self) -> Result<()> {
+        crate::events::Catalog::from_config(self)?;
+        let mut names = std::collections::HashSet::new();
+        for sub in &self.subscriptions {
+            sub.validate()?;
+            if !names.insert(sub.name.as_str()) {
+                return Err(Error::Config(format!(
+                    "[[subscriptions]] {:?} is declared twice",
+                    sub.name
+                )));
+            }
+        }
         let url = url::Url::parse(&self.database_url).map_err(|e| Error::Url {
             setting: "database_url (DATABASE_URL)",
             reason: format!("{e}: {}", mask_url(&self.database_url)),
@@ -440,6 +468,11 @@ impl Config {
         let mut shown = self.clone();
         shown.database_url = mask_url(&self.database_url);
         shown.redis_url = mask_url(&self.redis_url);
+        for sub in &mut shown.subscriptions {
+            if sub.secret.is_some() {
+                sub.secret = Some("****".into());
+            }
+        }
         toml::to_string_pretty(&shown)
             .unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
     }

@@ -10,6 +10,8 @@
 //! - [`queue`]: the `Task` builder and `enqueue` / `enqueue_batch`.
 //! - [`worker`]: the worker runtime that runs handlers for tasks.
 //! - [`dlq`]: dead letters listed, replayed and purged.
+//! - [`events`]: the event catalog (schemas, delivery modes) and `Publisher`.
+//! - [`subscriptions`]: durable subscriptions and exactly-once handlers.
 //! - [`stats`]: the operator views in one snapshot.
 //! - [`cron`]: cron schedules and the scheduler that fires them.
 //! - [`config`]: settings from defaults, TOML and the environment.
@@ -22,12 +24,14 @@ pub mod cron;
 pub mod db;
 pub mod dlq;
 pub mod error;
+pub mod events;
 pub mod migrate;
 pub mod outbox;
 pub mod pubsub;
 pub mod queue;
 pub mod relay;
 pub mod stats;
+pub mod subscriptions;
 pub mod telemetry;
 pub mod worker;
 

@@ -124,11 +124,31 @@ impl Event {
         &self.payload
     }
 
+    /// The envelope consumers receive, as the relay would build it, stamped
+    /// now (fire-and-forget events never pass through Postgres).
+    pub fn envelope_json(&self) -> String {
+        // `payload` is already checked JSON text; embed it as is.
+        let raw = serde_json::value::RawValue::from_string(self.payload.clone());
+        let payload = match raw {
+            Ok(raw) => serde_json::to_value(&raw).unwrap_or(Value::Null),
+            Err(_) => Value::Null,
+        };
+        serde_json::json!({
+            "id": self.id,
+            "topic": self.topic,
+            "key": self.key,
+            "payload": payload,
+            "headers": self.headers,
+            "created_at": chrono::Utc::now(),
+        })
+        .to_string()
+    }
+
     pub fn headers(&self) -> &Map<String, Value> {
         &self.headers
     }
 
-    fn check_size(&self, limit: usize) -> Result<()> {
+    pub(crate) fn check_size(&self, limit: usize) -> Result<()> {
         if self.payload.len() > limit {
             return Err(Error::PayloadTooLarge {
                 topic: self.topic.clone(),
@@ -239,6 +259,10 @@ impl Outbox {
 
     pub fn from_config(config: &crate::Config) -> Outbox {
         Outbox::new(config.max_payload_bytes)
+    }
+
+    pub fn max_payload_bytes(&self) -> usize {
+        self.max_payload_bytes
     }
 
     /// Insert one event through `client`, which may be a transaction: the

@@ -3,7 +3,10 @@
 //! It owns the LISTEN connection (a dedicated session driven with
 //! `poll_message`, never a pooled one), the claim → publish → delete → commit
 //! cycle, partition ownership, backoff while Redis is down, dead-lettering of
-//! events that never get through, and expiry of the archive.
+//! events that never get through, and expiry of the archive. In the claim's
+//! transaction it also checks events against the catalog (events that fail
+//! go to the dead letters, undelivered) and inserts one task per matching
+//! durable subscription.
 //!
 //! It must never commit a claim before Redis acknowledged the publish (that
 //! would lose events), and never let two transactions drain one partition at
@@ -23,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::error::{Context, Error, Result};
+use crate::events::Catalog;
 
 /// The notification channel the outbox trigger signals.
 pub const CHANNEL: &str = "herald_outbox";
@@ -94,6 +98,35 @@ SELECT 'outbox', id, event_id, topic, key, payload, headers, attempts,
        last_error, created_at
 FROM dead";
 
+// Events that fail their catalog check, removed by the claim, kept as dead
+// letters in the same transaction.
+const DEAD_LETTER_INVALID: &str = "
+INSERT INTO herald.dead_letters
+    (source, original_id, event_id, topic, key, payload, headers, attempts, errors, last_error, created_at)
+SELECT 'outbox', x.id, (x.env->>'id')::uuid, x.env->>'topic', x.env->>'key', x.env->'payload',
+       x.env->'headers', 0,
+       jsonb_build_array(jsonb_build_object('at', now(), 'attempt', 0, 'error', x.err)),
+       x.err, (x.env->>'created_at')::timestamptz
+FROM (SELECT id, env::jsonb AS env, err
+      FROM unnest($1::bigint[], $2::text[], $3::text[]) AS u(id, env, err)) AS x";
+
+// One task per (event, matching enabled durable subscription), in event
+// order; the task's payload is the envelope. Runs in the claim's
+// transaction, so the tasks exist exactly when the events leave the outbox.
+const FAN_OUT: &str = "
+INSERT INTO herald.tasks (queue, kind, payload, headers, max_attempts, timeout)
+SELECT s.queue, s.kind, e.env,
+       jsonb_build_object('herald_subscription', s.name, 'herald_event_id', e.env->>'id',
+                          'herald_topic', e.topic)
+         || CASE WHEN e.env->'headers' ? 'traceparent'
+                 THEN jsonb_build_object('traceparent', e.env->'headers'->'traceparent')
+                 ELSE '{}'::jsonb END,
+       s.max_attempts, s.timeout
+FROM (SELECT topic, env::jsonb AS env, ord
+      FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(topic, env, ord)) AS e
+JOIN herald.subscriptions s ON s.enabled AND e.topic LIKE s.topic_like
+ORDER BY e.ord, s.name";
+
 /// Counters a caller (the CLI, a test, the bench) can read while it runs.
 #[derive(Debug, Default)]
 pub struct RelayStats {
@@ -102,6 +135,10 @@ pub struct RelayStats {
     pub failed_batches: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub listen_connects: AtomicU64,
+    /// Events refused by the catalog (schema or strict mode).
+    pub invalid: AtomicU64,
+    /// Tasks inserted for durable subscriptions.
+    pub fanned_out: AtomicU64,
 }
 
 pub struct Relay {
@@ -109,6 +146,8 @@ pub struct Relay {
     pool: Pool,
     redis: deadpool_redis::Pool,
     stats: Arc<RelayStats>,
+    // Compiled from the configuration; an error stops `run` at once.
+    catalog: std::result::Result<Catalog, String>,
 }
 
 impl Relay {
@@ -118,6 +157,7 @@ impl Relay {
             pool,
             redis,
             stats: Arc::new(RelayStats::default()),
+            catalog: Catalog::from_config(config).map_err(|e| e.to_string()),
         }
     }
 
@@ -128,6 +168,7 @@ impl Relay {
     /// Run until `shutdown` is cancelled; the batches in flight finish and
     /// commit (their partition locks go with the commit) before it returns.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        let catalog = self.catalog.clone().map_err(Error::Config)?;
         {
             let client = self.pool.get().await?;
             crate::migrate::check_schema(&client).await?;
@@ -145,6 +186,7 @@ impl Relay {
             pool: self.pool.clone(),
             redis: self.redis.clone(),
             stats: self.stats.clone(),
+            catalog,
         });
         // Create today's archive partition before the first claim, so
         // archived rows never start out in the default partition.
@@ -260,6 +302,7 @@ struct Drainer {
     pool: Pool,
     redis: deadpool_redis::Pool,
     stats: Arc<RelayStats>,
+    catalog: Catalog,
 }
 
 impl Drainer {
@@ -348,14 +391,52 @@ impl Drainer {
         let mut ids = Vec::with_capacity(rows.len());
         let mut partitions = Vec::with_capacity(rows.len());
         let mut messages = Vec::with_capacity(rows.len());
+        let mut topics = Vec::with_capacity(rows.len());
+        let mut envelopes = Vec::with_capacity(rows.len());
+        let mut invalid: (Vec<i64>, Vec<String>, Vec<String>) = Default::default();
+        let checks = self.catalog.checks_anything();
         for row in &rows {
-            ids.push(row.get::<_, i64>(0));
+            let id = row.get::<_, i64>(0);
             let topic: &str = row.get(1);
+            let envelope = row.get::<_, String>(3);
+            if checks {
+                if let Err(reason) = self.check(topic, &envelope) {
+                    invalid.0.push(id);
+                    invalid.1.push(envelope);
+                    invalid.2.push(reason);
+                    continue;
+                }
+            }
+            ids.push(id);
             partitions.push(row.get::<_, i16>(2));
             messages.push((
                 format!("{}{}", self.config.channel_prefix, topic),
-                row.get::<_, String>(3),
+                envelope.clone(),
             ));
+            topics.push(topic.to_string());
+            envelopes.push(envelope);
+        }
+        if !invalid.0.is_empty() {
+            tx.execute(DEAD_LETTER_INVALID, &[&invalid.0, &invalid.1, &invalid.2])
+                .await
+                .context("moving events that fail the catalog to herald.dead_letters")?;
+            self.stats
+                .invalid
+                .fetch_add(invalid.0.len() as u64, Ordering::Relaxed);
+            for (id, reason) in invalid.0.iter().zip(&invalid.2) {
+                tracing::warn!(outbox_id = id, %reason, "event refused by the catalog; moved to herald.dead_letters");
+            }
+        }
+        if !messages.is_empty() {
+            let fan_out = tx
+                .prepare_cached(FAN_OUT)
+                .await
+                .context("preparing the subscription fan-out")?;
+            let tasks = tx
+                .execute(&fan_out, &[&topics, &envelopes])
+                .await
+                .context("inserting tasks for durable subscriptions")?;
+            self.stats.fanned_out.fetch_add(tasks, Ordering::Relaxed);
         }
         let published =
             crate::pubsub::publish_all(&self.redis, &messages, self.config.redis.response_timeout)
@@ -365,9 +446,9 @@ impl Drainer {
                 tx.commit().await.context("committing a published batch")?;
                 self.stats
                     .published
-                    .fetch_add(rows.len() as u64, Ordering::Relaxed);
+                    .fetch_add(messages.len() as u64, Ordering::Relaxed);
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(events = rows.len(), "relay batch published");
+                tracing::debug!(events = messages.len(), "relay batch published");
                 Ok(rows.len())
             }
             Err(error) => {
@@ -381,6 +462,20 @@ impl Drainer {
                 Err(error)
             }
         }
+    }
+
+    /// The catalog's verdict on one claimed envelope: the reason it is
+    /// refused, if it is.
+    fn check(&self, topic: &str, envelope: &str) -> std::result::Result<(), String> {
+        let parsed: serde_json::Value =
+            serde_json::from_str(envelope).map_err(|e| format!("the envelope is not JSON: {e}"))?;
+        let payload = parsed.get("payload").unwrap_or(&serde_json::Value::Null);
+        self.catalog.check(topic, payload).map_err(|violations| {
+            format!(
+                "payload of topic {topic:?} does not match its schema: {}",
+                crate::events::describe(&violations)
+            )
+        })
     }
 
     async fn record_failure(

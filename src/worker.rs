@@ -113,6 +113,7 @@ pub struct TaskContext {
     cancel: CancellationToken,
     pool: Pool,
     worker_id: Arc<str>,
+    retain_completed: bool,
 }
 
 impl TaskContext {
@@ -128,6 +129,36 @@ impl TaskContext {
 
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(Value::as_str)
+    }
+
+    /// The worker's Postgres pool, for handlers that write in their own
+    /// transaction.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Complete this task through `client` (typically inside the handler's
+    /// own transaction, so the task's completion commits with its effects).
+    /// Fenced like every worker write: `false` when this attempt no longer
+    /// holds the lease, and then nothing was changed. The completer's later
+    /// write for the task finds no running row and does nothing.
+    pub async fn complete_in<C: tokio_postgres::GenericClient + Sync>(
+        &self,
+        client: &C,
+    ) -> Result<bool> {
+        let sql = if self.retain_completed {
+            COMPLETE_RETAIN
+        } else {
+            COMPLETE_DELETE
+        };
+        let n = client
+            .execute(
+                sql,
+                &[&vec![self.id], &vec![self.attempt], &&*self.worker_id],
+            )
+            .await
+            .context(format!("completing task {}", self.id))?;
+        Ok(n == 1)
     }
 
     /// Record progress in `herald.tasks.progress` (any JSON).
@@ -169,6 +200,9 @@ struct Entry {
 #[derive(Clone)]
 pub struct Registry {
     entries: HashMap<String, Entry>,
+    /// Durable subscriptions declared with `subscribe_durable`; written to
+    /// `herald.subscriptions` when the worker starts.
+    pub(crate) durable: Vec<crate::subscriptions::Subscription>,
 }
 
 impl Default for Registry {
@@ -183,6 +217,7 @@ impl Registry {
     pub fn new() -> Registry {
         let mut r = Registry {
             entries: HashMap::new(),
+            durable: Vec::new(),
         };
         r.register("herald.noop", |_ctx, _payload: Value| async { Ok(()) });
         #[derive(serde::Deserialize)]
@@ -445,6 +480,9 @@ impl Worker {
         {
             let client = self.shared.pool.get().await?;
             crate::migrate::check_schema(&client).await?;
+            for sub in &self.shared.registry.durable {
+                crate::subscriptions::upsert(&**client, sub, "api").await?;
+            }
         }
         let shared = self.shared;
         let (wake_tx, wake_rx) = watch::channel(0u64);
@@ -735,6 +773,7 @@ fn start(
         cancel: token.clone(),
         pool: shared.pool.clone(),
         worker_id: shared.id.clone(),
+        retain_completed: shared.config.worker.retain_completed.is_some(),
     };
     tokio::spawn(async move {
         let result = execute(&shared, ctx, &kind, &payload, task_timeout, &token).await;
