@@ -215,7 +215,7 @@ impl CacheBuilder<Json> {
             jitter: 0.1,
             negative_ttl: Duration::from_secs(30),
             response_timeout: Duration::from_secs(5),
-            version_ttl: Duration::from_secs(24 * 3600),
+            version_ttl: Duration::from_secs(3600),
             retry_after: Duration::from_secs(1),
             warn_every: Duration::from_secs(10),
             events: None,
@@ -279,8 +279,10 @@ impl<C> CacheBuilder<C> {
         self
     }
 
-    /// Lifetime of per-key and per-tag version counters (default 24 h). A
-    /// load that takes longer than half of it is not written to Redis.
+    /// Lifetime of per-key and per-tag version counters, refreshed by every
+    /// invalidation (default 1 h). A load that takes longer than half of it
+    /// is not written to Redis, since the counters it compares against may
+    /// have expired meanwhile.
     pub fn version_ttl(mut self, ttl: Duration) -> Self {
         self.version_ttl = ttl.max(Duration::from_millis(2));
         self
@@ -543,7 +545,7 @@ impl<C: Send + Sync + 'static> Cache<C> {
                                 // Another caller's type for the same key.
                                 bump(&inner.stats.decode_errors, 1);
                                 tracing::debug!(key, %error, "cache: a shared load does not decode as this type");
-                                return self.load_alone(key, ttl, loader.take()).await;
+                                return self.load_alone(key, loader.take()).await;
                             }
                         },
                         Some(Outcome::Missing) => {
@@ -633,7 +635,6 @@ impl<C: Send + Sync + 'static> Cache<C> {
     async fn load_alone<V, E, F, Fut>(
         &self,
         key: &str,
-        _ttl: Duration,
         loader: Option<F>,
     ) -> std::result::Result<Option<V>, LoadError>
     where
@@ -825,6 +826,9 @@ impl<C: Send + Sync + 'static> Cache<C> {
                 }
                 let delivery = tokio::select! {
                     _ = stop.cancelled() => return,
+                    // A flush still owed is retried every few seconds even
+                    // when no event comes.
+                    _ = tokio::time::sleep(Duration::from_secs(5)), if must_flush => continue,
                     d = subscriber.next() => d,
                 };
                 match delivery {

@@ -94,6 +94,33 @@ async fn single_flight_one_load_for_100_concurrent_readers() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_take_over_when_the_loading_caller_is_cancelled() {
+    let cache = builder().build();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let ttl = Duration::from_secs(30);
+    let leader = {
+        let cache = cache.clone();
+        let loader = counting(&calls, Duration::from_secs(30), Some("never".to_string()));
+        tokio::spawn(async move { cache.get_or_load("abandoned", ttl, loader).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let waiter = {
+        let cache = cache.clone();
+        let loader = counting(&calls, Duration::ZERO, Some("waiter".to_string()));
+        tokio::spawn(async move { cache.get_or_load("abandoned", ttl, loader).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    leader.abort();
+    let v: Option<String> = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("the waiter does not hang on a cancelled load")
+        .unwrap()
+        .unwrap();
+    assert_eq!(v.as_deref(), Some("waiter"), "the waiter loaded it itself");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
 #[tokio::test]
 async fn a_value_expires_with_its_ttl() {
     let cache = builder().jitter(0.0).build();
@@ -519,6 +546,44 @@ async fn redis_down_degrades_to_the_loader() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(get(7).await, Some(5), "served from Redis again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unresponsive_redis_does_not_stall_callers() {
+    let redis = RedisServer::start();
+    let mut config = config_on(&redis.url());
+    config.redis.response_timeout = Duration::from_millis(300);
+    let cache = CacheBuilder::from_config(&config).unwrap().build();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let ttl = Duration::from_secs(300);
+    let v: Option<u32> = cache
+        .get_or_load("slow", ttl, counting(&calls, Duration::ZERO, Some(1)))
+        .await
+        .unwrap();
+    assert_eq!(v, Some(1));
+
+    // Redis accepts connections but answers nothing for 6 s.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(6000)
+        .arg("ALL")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let v: Option<u32> = cache
+        .get_or_load("slow", ttl, counting(&calls, Duration::ZERO, Some(2)))
+        .await
+        .unwrap();
+    assert_eq!(v, Some(2), "answered by the loader");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "bounded by the response timeout, not by Redis ({:?})",
+        started.elapsed()
+    );
+    assert!(cache.stats().redis_errors >= 1);
 }
 
 #[tokio::test]
