@@ -33,6 +33,7 @@ pub mod relay;
 pub mod stats;
 pub mod subscriptions;
 pub mod telemetry;
+pub mod webhook;
 pub mod worker;
 
 pub use cache::Cache;

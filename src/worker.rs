@@ -213,7 +213,8 @@ impl Default for Registry {
 
 impl Registry {
     /// A registry with the built-in kinds `herald.noop`, `herald.sleep`
-    /// (`{"ms": N}`) and `herald.fail` (`{"message": "..."}`).
+    /// (`{"ms": N}`), `herald.fail` (`{"message": "..."}`) and
+    /// `herald.webhook` (a webhook subscription's delivery).
     pub fn new() -> Registry {
         let mut r = Registry {
             entries: HashMap::new(),
@@ -241,6 +242,7 @@ impl Registry {
                 .message
                 .unwrap_or_else(|| "herald.fail always fails".into())))
         });
+        crate::webhook::register(&mut r);
         r
     }
 
