@@ -43,7 +43,7 @@ pub struct BenchArgs {
 }
 
 /// The workloads of shared/bench-spec.md this build runs.
-const WORKLOADS: [&str; 7] = ["O1", "O2", "O3", "Q1", "Q1B", "Q2", "Q3"];
+const WORKLOADS: [&str; 8] = ["O1", "O2", "O3", "Q1", "Q1B", "Q2", "Q3", "C1"];
 
 /// One figure of one workload over several runs.
 #[derive(Debug, Clone)]
@@ -102,6 +102,7 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
                 "Q1B" => q1b(&db.config).await,
                 "Q2" => q2(&db.config, &args).await,
                 "Q3" => q3(&db.config).await,
+                "C1" => c1(&db.config).await,
                 _ => unreachable!("workloads were checked above"),
             };
             db.drop_db().await?;
@@ -697,5 +698,104 @@ async fn q3(config: &Config) -> anyhow::Result<RunResult> {
         ("p99_ms".into(), "ms", pct(0.99)),
         ("max_ms".into(), "ms", *latencies.last().unwrap_or(&0.0)),
         ("negative_samples".into(), "count", negative as f64),
+    ])
+}
+
+/// C1: three `herald scheduler` processes and one schedule firing every
+/// second, for 60 s. Tasks are counted from the database over the 60 ticks
+/// from the first one the schedulers computed; lateness is the task's
+/// `created_at` (the firing transaction's start, on the database clock)
+/// minus its nominal tick.
+async fn c1(config: &Config) -> anyhow::Result<RunResult> {
+    const TICKS: i64 = 60;
+    let client = crate::db::connect(config, "herald-bench").await?;
+    let mut schedulers = Vec::new();
+    for _ in 0..3 {
+        schedulers.push(HeraldProcess::spawn(config, &["scheduler"], &[])?);
+    }
+    // Let the schedulers connect and park on LISTEN.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    client
+        .execute(
+            "SELECT herald.upsert_schedule('bench.c1', '* * * * * *', 'herald.noop', '{}')",
+            &[],
+        )
+        .await?;
+    let started = Instant::now();
+    let first: chrono::DateTime<chrono::Utc> = loop {
+        let row = client
+            .query_one(
+                "SELECT next_run_at FROM herald.schedules WHERE name = 'bench.c1'",
+                &[],
+            )
+            .await?;
+        if let Some(t) = row.get::<_, Option<chrono::DateTime<chrono::Utc>>>(0) {
+            break t;
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            for s in schedulers {
+                s.stop().await;
+            }
+            bail!("C1: no scheduler computed the first tick within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    let end = first + chrono::Duration::seconds(TICKS);
+    // Sleep on the database's clock until two seconds past the window.
+    let left: f64 = client
+        .query_one(
+            "SELECT extract(epoch FROM $1::timestamptz - clock_timestamp())::float8",
+            &[&end],
+        )
+        .await?
+        .get(0);
+    tokio::time::sleep(Duration::from_secs_f64(left.max(0.0) + 2.0)).await;
+    for s in schedulers {
+        s.stop().await;
+    }
+    let tick = "(headers->>'herald_tick')::timestamptz";
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT count(*), count(DISTINCT {tick}), \
+                        coalesce(array_agg(extract(epoch FROM created_at - {tick})::float8 * 1000.0), '{{}}') \
+                 FROM herald.tasks WHERE {tick} >= $1 AND {tick} < $2"
+            ),
+            &[&first, &end],
+        )
+        .await?;
+    let created: i64 = row.get(0);
+    let distinct: i64 = row.get(1);
+    let mut lateness: Vec<f64> = row.get(2);
+    let duplicates: i64 = client
+        .query_one(
+            &format!("SELECT count(*) - count(DISTINCT {tick}) FROM herald.tasks"),
+            &[],
+        )
+        .await?
+        .get(0);
+    if lateness.is_empty() {
+        bail!("C1: no task was created");
+    }
+    lateness.sort_by(f64::total_cmp);
+    let pct = |p: f64| lateness[((lateness.len() as f64 * p).ceil() as usize).saturating_sub(1)];
+    let negative = lateness.iter().filter(|l| **l < 0.0).count();
+    if created != TICKS || distinct != TICKS || duplicates != 0 {
+        eprintln!(
+            "C1: {created} tasks ({distinct} distinct ticks, {duplicates} duplicates) for {TICKS} ticks"
+        );
+    }
+    Ok(vec![
+        ("tasks_created".into(), "tasks", created as f64),
+        ("duplicate_ticks".into(), "tasks", duplicates as f64),
+        ("lateness_p50_ms".into(), "ms", pct(0.50)),
+        ("lateness_p99_ms".into(), "ms", pct(0.99)),
+        (
+            "lateness_max_ms".into(),
+            "ms",
+            *lateness.last().unwrap_or(&0.0),
+        ),
+        ("negative_samples".into(), "count", negative as f64),
+        ("scheduler_processes".into(), "count", 3.0),
     ])
 }

@@ -1567,6 +1567,15 @@ mod tests {
             t("@daily", "2026-11-28T10:00:00Z"),
             "2026-11-29T00:00:00+00:00"
         );
+        // Last Friday of December 2026; `?` as "any".
+        assert_eq!(
+            t("0 18 * DEC 5L", "2026-12-01T00:00:00Z"),
+            "2026-12-25T18:00:00+00:00"
+        );
+        assert_eq!(
+            t("0 0 12 ? * *", "2026-11-28T13:00:00Z"),
+            "2026-11-29T12:00:00+00:00"
+        );
         // A fraction of a second never comes back as its own tick.
         let when = CronSchedule::parse("* * * * * *", "UTC").unwrap();
         let now = utc("2026-01-01T00:00:00.5Z");

@@ -750,3 +750,111 @@ tz = "America/New_York"
     assert_eq!(db.count("SELECT count(*) FROM herald.schedules").await, 3);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misfire_policies_after_ten_seconds_without_a_scheduler() {
+    let db = TestDb::with(|c| c.scheduler.misfire_grace = Duration::from_secs(1)).await;
+    let client = db.client().await;
+    for (name, misfire) in [("r-skip", "skip"), ("r-once", "once"), ("r-all", "all")] {
+        client
+            .execute(
+                "SELECT herald.upsert_schedule($1, '* * * * * *', 'herald.noop', '{}', misfire => $2)",
+                &[&name, &misfire],
+            )
+            .await
+            .unwrap();
+    }
+    let per_schedule = "SELECT min(n) FROM (SELECT count(t.id) AS n FROM herald.schedules s \
+                        LEFT JOIN herald.tasks t ON t.headers->>'herald_schedule' = s.name \
+                        GROUP BY s.name) c";
+    let scheduler = SchedulerTask::start(&db);
+    assert!(wait_for(&db, per_schedule, 1, Duration::from_secs(5)).await >= 1);
+    scheduler.stop().await;
+    let before: DateTime<Utc> = client
+        .query_one(&format!("SELECT max({TICK}) FROM herald.tasks"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let restart_from = before + chrono::Duration::seconds(10);
+    let scheduler = SchedulerTask::start(&db);
+    // Each schedule fires again on time, twice.
+    let sql = format!(
+        "SELECT min(n) FROM (SELECT count(t.id) AS n FROM herald.schedules s \
+         LEFT JOIN herald.tasks t ON t.headers->>'herald_schedule' = s.name \
+              AND {TICK} > '{}'::timestamptz + interval '1 second' \
+         GROUP BY s.name) c",
+        restart_from.to_rfc3339()
+    );
+    assert!(wait_for(&db, &sql, 2, Duration::from_secs(10)).await >= 2);
+    scheduler.stop().await;
+    let after = |name: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query(
+                    &format!(
+                        "SELECT {TICK}, created_at, headers FROM herald.tasks \
+                         WHERE headers->>'herald_schedule' = $1 AND {TICK} > $2 ORDER BY 1"
+                    ),
+                    &[&name, &before],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| {
+                    (
+                        r.get::<_, DateTime<Utc>>(0),
+                        r.get::<_, DateTime<Utc>>(1),
+                        r.get::<_, serde_json::Value>(2),
+                    )
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    let grace = chrono::Duration::seconds(1);
+    // Missed ticks: more than the grace older than the claim that found them.
+    let missed = |rows: &[(DateTime<Utc>, DateTime<Utc>, serde_json::Value)]| {
+        rows.iter().filter(|(t, c, _)| *t < *c - grace).count()
+    };
+    // The ten seconds of downtime: their ticks fire no task under skip, and
+    // one (the latest due when the scheduler came back) under once.
+    let in_downtime = |rows: &[(DateTime<Utc>, DateTime<Utc>, serde_json::Value)]| {
+        rows.iter()
+            .filter(|(t, _, _)| *t < restart_from - grace)
+            .count()
+    };
+    let skip = after("r-skip").await;
+    assert_eq!(in_downtime(&skip), 0, "skip fires none of the missed ticks");
+    assert_eq!(missed(&skip), 0);
+    assert!(skip[0].2.get("herald_misfire").is_none());
+    let once = after("r-once").await;
+    assert_eq!(in_downtime(&once), 0, "once fires no old tick");
+    assert_eq!(
+        once[0].2["herald_misfire"], "once",
+        "but one for the latest"
+    );
+    assert!(once[0].1 - once[0].0 < chrono::Duration::seconds(2));
+    assert!(once[1..]
+        .iter()
+        .all(|(_, _, h)| h.get("herald_misfire").is_none()));
+    let all = after("r-all").await;
+    assert!(
+        missed(&all) >= 9,
+        "all fires every missed tick: {}",
+        missed(&all)
+    );
+    for pair in all.windows(2) {
+        assert_eq!(
+            pair[1].0 - pair[0].0,
+            chrono::Duration::seconds(1),
+            "no tick left out"
+        );
+    }
+    assert_eq!(all[0].0, before + chrono::Duration::seconds(1));
+    for (t, c, h) in &all {
+        if *t < *c - grace {
+            assert_eq!(h["herald_backfilled"], true);
+        }
+    }
+}
