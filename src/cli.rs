@@ -41,7 +41,7 @@ pub enum Command {
     #[command(after_help = "Example:\n  DATABASE_URL=postgres://app@db/app herald migrate")]
     Migrate,
 
-    /// Run every Herald service in this process: the relay and the workers.
+    /// Run every Herald service in this process: the relay, the workers and the scheduler.
     #[command(
         after_help = "Migrates first unless HERALD_MIGRATE_ON_START=false. Workers run the \
 built-in kinds (herald.noop, herald.sleep, herald.fail); applications embed the library to add \
@@ -97,6 +97,14 @@ then hand the rest back to the queue.\n\nExample:\n  herald worker --queues defa
 Example:\n  HERALD_RELAY_BATCH_SIZE=500 herald relay"
     )]
     Relay,
+
+    /// Serve the admin HTTP server alone: /metrics, /healthz, /readyz and
+    /// the dashboard (`herald run` serves it too).
+    #[command(
+        after_help = "Binds admin.bind (default 127.0.0.1:9187); any other address \
+needs admin.token (HERALD_ADMIN_TOKEN).\n\nExample:\n  HERALD_ADMIN_BIND=0.0.0.0:9187 HERALD_ADMIN_TOKEN=... herald admin"
+    )]
+    Admin,
 
     /// Publish one event through the outbox (in its own transaction).
     #[command(
@@ -190,8 +198,29 @@ pub async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Relay => run_services(&config, true, false).await?,
-        Command::Run => run_services_with(&config, true, true, config.scheduler.enabled).await?,
-        Command::Scheduler => run_services_with(&config, false, false, true).await?,
+        Command::Run => {
+            let services = Services {
+                relay: true,
+                workers: true,
+                scheduler: config.scheduler.enabled,
+                admin: config.admin.enabled,
+            };
+            run(&config, services).await?
+        }
+        Command::Admin => {
+            let services = Services {
+                admin: true,
+                ..Services::default()
+            };
+            run(&config, services).await?
+        }
+        Command::Scheduler => {
+            let services = Services {
+                scheduler: true,
+                ..Services::default()
+            };
+            run(&config, services).await?
+        }
         Command::Schedules(command) => crate::cron::run_schedules_command(&config, command).await?,
         Command::Worker {
             queues,
@@ -334,17 +363,38 @@ fn parse_delay(s: &str) -> Result<std::time::Duration, String> {
 
 /// The relay and/or the workers in this process, until SIGTERM/SIGINT.
 async fn run_services(config: &Config, relay: bool, workers: bool) -> anyhow::Result<()> {
-    run_services_with(config, relay, workers, false).await
+    let services = Services {
+        relay,
+        workers,
+        ..Services::default()
+    };
+    run(config, services).await
 }
 
 /// The relay, the workers and/or the scheduler in this process, until
 /// SIGTERM/SIGINT.
-async fn run_services_with(
-    config: &Config,
+/// Which services one process runs.
+#[derive(Debug, Clone, Copy, Default)]
+struct Services {
     relay: bool,
     workers: bool,
     scheduler: bool,
-) -> anyhow::Result<()> {
+    admin: bool,
+}
+
+/// The chosen services in this process, until SIGTERM/SIGINT.
+async fn run(config: &Config, which: Services) -> anyhow::Result<()> {
+    let Services {
+        relay,
+        workers,
+        scheduler,
+        admin,
+    } = which;
+    if admin {
+        // Before migrating or connecting: a wrong bind fails at once.
+        crate::admin::check_bind(config)?;
+        crate::telemetry::init_metrics();
+    }
     let shutdown = shutdown_signal();
     if config.migrate_on_start {
         crate::migrate::migrate(config).await.context(
@@ -370,6 +420,14 @@ async fn run_services_with(
             .context("syncing [[subscriptions]] to herald.subscriptions")?;
     }
     let mut services = tokio::task::JoinSet::new();
+    if admin {
+        services.spawn(crate::admin::serve(
+            config.clone(),
+            pool.clone(),
+            redis.clone(),
+            shutdown.clone(),
+        ));
+    }
     if relay {
         if let Err(e) = redis.get().await {
             tracing::warn!(

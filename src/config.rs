@@ -36,6 +36,7 @@ pub struct Config {
     /// Cron schedules declared here (`[[schedules]]`), synced to
     /// `herald.schedules` when `herald run` / `herald scheduler` start.
     pub schedules: Vec<crate::cron::Schedule>,
+    pub admin: AdminConfig,
     pub catalog: crate::events::CatalogConfig,
     /// The event catalog (`[[events]]`): declared topics, their payload
     /// schemas and delivery modes.
@@ -212,6 +213,7 @@ impl Default for Config {
             worker: WorkerConfig::default(),
             scheduler: SchedulerConfig::default(),
             schedules: Vec::new(),
+            admin: AdminConfig::default(),
             catalog: crate::events::CatalogConfig::default(),
             events: Vec::new(),
             subscriptions: Vec::new(),
@@ -253,17 +255,45 @@ impl Default for RelayConfig {
     }
 }
 
+/// `[admin]`: the HTTP server for `/metrics`, `/healthz`, `/readyz` and the
+/// dashboard.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Whether `herald run` serves it (`herald admin` always does).
+    pub enabled: bool,
+    /// Address to listen on. Anything but loopback requires `token`.
+    pub bind: String,
+    /// Bearer token required on every request (`HERALD_ADMIN_TOKEN`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Disable every action (replay, purge, pause, …); pages stay readable.
+    pub read_only: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            bind: "127.0.0.1:9187".into(),
+            token: None,
+            read_only: false,
+        }
+    }
+}
+
 /// `HERALD_<prefix>*` variables that are not settings.
 const RESERVED_ENV_PREFIXES: [&str; 3] = ["test_", "dev_", "ci_"];
 
 /// Sections whose keys the environment spells `HERALD_<SECTION>_<KEY>`.
-const SECTIONS: [&str; 6] = [
+const SECTIONS: [&str; 7] = [
     "postgres",
     "redis",
     "relay",
     "worker",
     "scheduler",
     "catalog",
+    "admin",
 ];
 
 impl Config {
@@ -319,6 +349,15 @@ impl Config {
 
     /// Reject settings that cannot work, naming the setting.
     pub fn validate(&self) -> Result<()> {
+        self.admin
+            .bind
+            .parse::<std::net::SocketAddr>()
+            .map_err(|e| {
+                Error::Config(format!(
+                    "admin.bind {:?} is not an address:port (e.g. 127.0.0.1:9187): {e}",
+                    self.admin.bind
+                ))
+            })?;
         crate::events::Catalog::from_config(self)?;
         let mut names = std::collections::HashSet::new();
         for sub in &self.subscriptions {
@@ -468,6 +507,9 @@ impl Config {
         let mut shown = self.clone();
         shown.database_url = mask_url(&self.database_url);
         shown.redis_url = mask_url(&self.redis_url);
+        if shown.admin.token.is_some() {
+            shown.admin.token = Some("****".into());
+        }
         for sub in &mut shown.subscriptions {
             if sub.secret.is_some() {
                 sub.secret = Some("****".into());

@@ -16,6 +16,7 @@
 //! - [`cron`]: cron schedules and the scheduler that fires them.
 //! - [`config`]: settings from defaults, TOML and the environment.
 
+pub mod admin;
 pub mod bench;
 pub mod cache;
 pub mod cli;

@@ -1,0 +1,118 @@
+//! The admin HTTP server: `/metrics` (Prometheus text), `/healthz`,
+//! `/readyz` and the server-rendered dashboard. It owns the listener, the
+//! bearer-token check and the routes; it reads and repairs through the
+//! library modules (`stats`, `dlq`, `queue`, `cron`) and never writes SQL
+//! of its own for them.
+//!
+//! It must never start on a non-loopback address without a token, and never
+//! run an action in read-only mode.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use deadpool_postgres::Pool;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+/// What every handler can reach.
+pub struct AdminState {
+    pub config: Config,
+    pub pool: Pool,
+    pub redis: deadpool_redis::Pool,
+    /// `admin.read_only`: actions answer 403.
+    pub read_only: bool,
+    /// When the process started, for `/healthz` and the dashboard.
+    pub started_at: chrono::DateTime<chrono::Utc>,
+}
+
+pub type SharedState = Arc<AdminState>;
+
+/// Every route, behind the token check when a token is set.
+pub fn router(state: SharedState) -> Router {
+    Router::new()
+        .route("/metrics", axum::routing::get(metrics))
+        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .with_state(state)
+}
+
+async fn metrics() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        crate::telemetry::render_metrics(),
+    )
+}
+
+/// `Authorization: Bearer <token>` on every request when `admin.token` is set.
+async fn require_token(State(state): State<SharedState>, request: Request, next: Next) -> Response {
+    if let Some(token) = &state.config.admin.token {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let ok = given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()));
+        if !ok {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                "missing or wrong bearer token (admin.token / HERALD_ADMIN_TOKEN)",
+            )
+                .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Refuse a non-loopback address without a token; otherwise the address.
+pub fn check_bind(config: &Config) -> Result<SocketAddr> {
+    let addr: SocketAddr = config.admin.bind.parse().map_err(|e| {
+        Error::Config(format!(
+            "admin.bind {:?} is not an address:port: {e}",
+            config.admin.bind
+        ))
+    })?;
+    if !addr.ip().is_loopback() && config.admin.token.as_deref().unwrap_or("").is_empty() {
+        return Err(Error::Config(format!(
+            "admin.bind {addr} is not a loopback address: set admin.token (HERALD_ADMIN_TOKEN) \
+             so the dashboard and its actions are not open to the network"
+        )));
+    }
+    Ok(addr)
+}
+
+/// Serve until `shutdown`.
+pub async fn serve(
+    config: Config,
+    pool: Pool,
+    redis: deadpool_redis::Pool,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let addr = check_bind(&config)?;
+    let read_only = config.admin.read_only;
+    let state = Arc::new(AdminState {
+        config,
+        pool,
+        redis,
+        read_only,
+        started_at: chrono::Utc::now(),
+    });
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::Other(format!("admin server: binding {addr}: {e}")))?;
+    tracing::info!(%addr, read_only = state.read_only, "admin server listening");
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+        .map_err(|e| Error::Other(format!("admin server on {addr}: {e}")))
+}
