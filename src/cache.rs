@@ -262,7 +262,11 @@ impl<C> CacheBuilder<C> {
     /// Fraction (0 ≤ j < 1, default 0.1) by which each TTL is shortened at
     /// random, so keys filled together do not expire together.
     pub fn jitter(mut self, jitter: f64) -> Self {
-        self.jitter = jitter.clamp(0.0, 0.99);
+        self.jitter = if jitter.is_finite() {
+            jitter.clamp(0.0, 0.99)
+        } else {
+            0.0
+        };
         self
     }
 
@@ -896,7 +900,8 @@ impl<C: Send + Sync + 'static> Cache<C> {
             match op().await {
                 Ok(()) => return true,
                 Err(error) => {
-                    self.inner.redis_error(what, &error);
+                    // `query` has counted and logged it.
+                    tracing::debug!(%error, "cache: {what} failed; retrying");
                     if Instant::now() >= deadline {
                         return false;
                     }
@@ -1074,7 +1079,9 @@ impl<C> Inner<C> {
     }
 
     fn jittered(&self, ttl: Duration) -> u64 {
-        let ms = ttl.as_millis().min(u64::MAX as u128) as u64;
+        // Redis rejects expiry times past ~2^63 ms; a century is plenty.
+        const MAX_MS: u128 = 100 * 365 * 24 * 3600 * 1000;
+        let ms = ttl.as_millis().min(MAX_MS) as u64;
         if self.jitter <= 0.0 || ms == 0 {
             return ms;
         }

@@ -14,6 +14,7 @@ use herald::Config;
 use common::{RedisServer, TestDb};
 
 type Loaded<T> = Result<Option<T>, std::io::Error>;
+type LoadFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = Loaded<T>> + Send>>;
 
 /// A configuration on `redis_url` with a unique channel prefix (hence a
 /// unique cache namespace) and short Redis timeouts.
@@ -38,7 +39,7 @@ fn counting<T>(
     calls: &Arc<AtomicUsize>,
     delay: Duration,
     value: Option<T>,
-) -> impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = Loaded<T>> + Send>>
+) -> impl FnOnce() -> LoadFuture<T>
 where
     T: Send + 'static,
 {
@@ -125,7 +126,7 @@ async fn waiters_take_over_when_the_loading_caller_is_cancelled() {
 async fn a_value_expires_with_its_ttl() {
     let cache = builder().jitter(0.0).build();
     let calls = Arc::new(AtomicUsize::new(0));
-    let ttl = Duration::from_millis(300);
+    let ttl = Duration::from_millis(600);
     for expected_calls in [1, 1] {
         let v: Option<u32> = cache
             .get_or_load("ttl", ttl, counting(&calls, Duration::ZERO, Some(7)))
@@ -134,7 +135,7 @@ async fn a_value_expires_with_its_ttl() {
         assert_eq!(v, Some(7));
         assert_eq!(calls.load(Ordering::SeqCst), expected_calls);
     }
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     let v: Option<u32> = cache
         .get_or_load("ttl", ttl, counting(&calls, Duration::ZERO, Some(8)))
         .await
@@ -179,7 +180,7 @@ async fn jittered_ttl_is_never_longer_than_asked() {
 async fn a_missing_value_is_cached_for_the_negative_ttl() {
     let cache = builder()
         .jitter(0.0)
-        .negative_ttl(Duration::from_millis(300))
+        .negative_ttl(Duration::from_millis(600))
         .build();
     let calls = Arc::new(AtomicUsize::new(0));
     let long = Duration::from_secs(60);
@@ -193,7 +194,7 @@ async fn a_missing_value_is_cached_for_the_negative_ttl() {
     assert_eq!(calls.load(Ordering::SeqCst), 1, "None was cached");
     assert_eq!(cache.stats().negative_hits, 2);
 
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     let v: Option<String> = cache
         .get_or_load(
             "user:404",
@@ -208,6 +209,22 @@ async fn a_missing_value_is_cached_for_the_negative_ttl() {
         "the marker expired with the negative TTL, not the TTL"
     );
     assert_eq!(calls.load(Ordering::SeqCst), 2);
+
+    // A marker goes with an invalidation like any value.
+    let _: Option<String> = cache
+        .get_or_load("user:405", long, counting(&calls, Duration::ZERO, None))
+        .await
+        .unwrap();
+    cache.invalidate("user:405").await.unwrap();
+    let v: Option<String> = cache
+        .get_or_load(
+            "user:405",
+            long,
+            counting(&calls, Duration::ZERO, Some("created".to_string())),
+        )
+        .await
+        .unwrap();
+    assert_eq!(v.as_deref(), Some("created"));
 }
 
 #[tokio::test]
@@ -301,77 +318,94 @@ async fn invalidate_a_key_and_a_tag() {
     assert!(stats.invalidations >= 4, "{stats:?}");
 }
 
-#[tokio::test]
+/// A loader that returns "old" after the test lets it: it signals on
+/// `loading` once it has "read the old data", then waits for `proceed`.
+fn gated(
+    calls: &Arc<AtomicUsize>,
+) -> (
+    impl FnOnce() -> LoadFuture<String>,
+    tokio::sync::oneshot::Receiver<()>,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let (loading_tx, loading_rx) = tokio::sync::oneshot::channel();
+    let (proceed_tx, proceed_rx) = tokio::sync::oneshot::channel::<()>();
+    let calls = calls.clone();
+    let loader = move || {
+        Box::pin(async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            let _ = loading_tx.send(());
+            let _ = proceed_rx.await;
+            Ok(Some("old".to_string()))
+        }) as LoadFuture<String>
+    };
+    (loader, loading_rx, proceed_tx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_load_started_before_invalidate_does_not_cache_its_stale_value() {
-    let cache = builder().build();
+    let config = config_on(&common::redis_url());
+    let cache = Cache::from_config(&config).unwrap();
+    // Another process's cache on the same namespace: nothing shared in memory,
+    // only what is in Redis.
+    let other = Cache::from_config(&config).unwrap();
     let calls = Arc::new(AtomicUsize::new(0));
     let ttl = Duration::from_secs(60);
 
-    // The slow load reads "old" data, then the data changes and the writer
-    // invalidates while the load is still running.
-    let slow = {
-        let cache = cache.clone();
-        let loader = counting(&calls, Duration::from_millis(500), Some("old".to_string()));
-        tokio::spawn(async move { cache.get_or_load("profile:1", ttl, loader).await })
-    };
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    cache.invalidate("profile:1").await.unwrap();
-    let slow_value: Option<String> = slow.await.unwrap().unwrap();
-    assert_eq!(
-        slow_value.as_deref(),
-        Some("old"),
-        "its own caller still gets what it loaded"
-    );
-    assert_eq!(cache.stats().stale_fills_rejected, 1);
+    // The load reads "old" data; then the data changes and the writer
+    // invalidates (here, or in the other process, by key, by tag, or by
+    // writing the new value) while the load is still running.
+    let writers: Vec<(&str, &[&str])> = vec![
+        ("invalidate here", &[]),
+        ("invalidate there", &[]),
+        ("invalidate tag", &["profiles"]),
+        ("set there", &[]),
+        ("invalidate_all there", &[]),
+    ];
+    for (i, (how, tags)) in writers.into_iter().enumerate() {
+        let key = format!("profile:{i}");
+        let (loader, loading, proceed) = gated(&calls);
+        let slow = {
+            let cache = cache.clone();
+            let key = key.clone();
+            tokio::spawn(async move { cache.get_or_load_tagged(&key, ttl, tags, loader).await })
+        };
+        loading.await.unwrap();
+        match how {
+            "invalidate here" => cache.invalidate(&key).await.unwrap(),
+            "invalidate there" => other.invalidate(&key).await.unwrap(),
+            "invalidate tag" => other.invalidate_tag("profiles").await.unwrap(),
+            "set there" => other.set(&key, &"new".to_string(), ttl, &[]).await.unwrap(),
+            "invalidate_all there" => other.invalidate_all().await.unwrap(),
+            _ => unreachable!(),
+        }
+        proceed.send(()).unwrap();
+        let slow_value: Option<String> = slow.await.unwrap().unwrap();
+        assert_eq!(
+            slow_value.as_deref(),
+            Some("old"),
+            "{how}: its own caller still gets what it loaded"
+        );
+        assert_eq!(cache.stats().stale_fills_rejected, i as u64 + 1, "{how}");
 
-    let v: Option<String> = cache
-        .get_or_load(
-            "profile:1",
-            ttl,
-            counting(&calls, Duration::ZERO, Some("new".to_string())),
-        )
-        .await
-        .unwrap();
-    assert_eq!(v.as_deref(), Some("new"), "the stale value was not cached");
-    assert_eq!(calls.load(Ordering::SeqCst), 2);
-
-    // The same through a tag, and through `set` (a write-through beats a
-    // load in flight).
-    let slow = {
-        let cache = cache.clone();
-        let loader = counting(&calls, Duration::from_millis(500), Some("old".to_string()));
-        tokio::spawn(async move {
-            cache
-                .get_or_load_tagged("profile:2", ttl, &["profiles"], loader)
-                .await
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    cache.invalidate_tag("profiles").await.unwrap();
-    slow.await.unwrap().unwrap();
-    let slow = {
-        let cache = cache.clone();
-        let loader = counting(&calls, Duration::from_millis(500), Some("old".to_string()));
-        tokio::spawn(async move { cache.get_or_load("profile:3", ttl, loader).await })
-    };
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    cache
-        .set("profile:3", &"written".to_string(), ttl, &[])
-        .await
-        .unwrap();
-    slow.await.unwrap().unwrap();
-    for (key, expected) in [("profile:2", "fresh"), ("profile:3", "written")] {
         let v: Option<String> = cache
             .get_or_load(
-                key,
+                &key,
                 ttl,
-                counting(&calls, Duration::ZERO, Some("fresh".to_string())),
+                counting(&calls, Duration::ZERO, Some("new".to_string())),
             )
             .await
             .unwrap();
-        assert_eq!(v.as_deref(), Some(expected), "{key}");
+        assert_eq!(
+            v.as_deref(),
+            Some("new"),
+            "{how}: the stale value was not cached"
+        );
     }
-    assert_eq!(cache.stats().stale_fills_rejected, 3);
+    assert_eq!(
+        cache.stats().fills,
+        4,
+        "the four reloads (set wrote the fifth)"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
