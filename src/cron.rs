@@ -888,6 +888,7 @@ impl Scheduler {
         {
             let mut client = crate::db::connect(&self.config, "herald-scheduler").await?;
             crate::migrate::check_schema(&client).await?;
+            check_schedules_table(&client).await?;
             let report = sync_config(&mut client, &self.config.schedules).await?;
             if report != SyncReport::default() {
                 tracing::info!(
@@ -1121,6 +1122,22 @@ impl Scheduler {
     }
 }
 
+/// Fail with a clear message when the database predates `herald.schedules`.
+async fn check_schedules_table(client: &tokio_postgres::Client) -> Result<()> {
+    let row = client
+        .query_one("SELECT to_regclass('herald.schedules') IS NOT NULL", &[])
+        .await
+        .context("checking for herald.schedules")?;
+    if !row.get::<_, bool>(0) {
+        return Err(Error::Config(
+            "herald.schedules is missing: the database predates cron schedules; run \
+             `herald migrate` (or enable migrate_on_start)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Keep a LISTEN herald_schedules session open; every notification and every
 /// (re)connect wakes the scheduler loop.
 async fn listen(
@@ -1237,6 +1254,7 @@ seconds first.\n\nExamples:\n  herald schedules add nightly-report '30 2 * * *' 
 pub async fn run_schedules_command(config: &Config, command: SchedulesCommand) -> Result<()> {
     let client = crate::db::connect(config, "herald-cli").await?;
     crate::migrate::check_schema(&client).await?;
+    check_schedules_table(&client).await?;
     match command {
         SchedulesCommand::List { json } => {
             let rows = list(&client).await?;
