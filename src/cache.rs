@@ -359,6 +359,15 @@ impl<C> Clone for Cache<C> {
     }
 }
 
+impl<C> std::fmt::Debug for Cache<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cache")
+            .field("namespace", &self.inner.namespace)
+            .field("stats", &self.inner.stats.snapshot())
+            .finish_non_exhaustive()
+    }
+}
+
 struct Inner<C> {
     pool: deadpool_redis::Pool,
     namespace: String,
