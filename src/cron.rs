@@ -812,6 +812,8 @@ pub struct SchedulerStats {
     pub claims: AtomicU64,
     pub invalid: AtomicU64,
     pub listen_connects: AtomicU64,
+    /// Whether the LISTEN connection is up now (`/readyz`).
+    pub listening: std::sync::atomic::AtomicBool,
 }
 
 /// Fires due schedules until shut down. Run as many as you like, in as many
@@ -1152,6 +1154,7 @@ async fn listen(
             _ = shutdown.cancelled() => return,
             outcome = listen_once(&config, &wake, &stats) => outcome,
         };
+        stats.listening.store(false, Ordering::Relaxed);
         match outcome {
             Ok(reason) => {
                 backoff.reset();
@@ -1195,6 +1198,7 @@ async fn listen_once(
         .await
         .context("LISTEN herald_schedules")?;
     stats.listen_connects.fetch_add(1, Ordering::Relaxed);
+    stats.listening.store(true, Ordering::Relaxed);
     // Look again now that changes cannot go unnoticed.
     wake.send_modify(|g| *g += 1);
     let end = closed_rx.await.ok().flatten();
@@ -1710,6 +1714,47 @@ mod tests {
             rules(),
         );
         assert!(zone.last_error.unwrap().contains("Europe/Nowhere"));
+    }
+
+    #[test]
+    fn catch_up_across_dst_matches_the_forward_ticks() {
+        // `all` walks backwards from now; it must find exactly the ticks the
+        // forward walk fires, through both transitions.
+        for (tz, from, to) in [
+            (
+                "Europe/Berlin",
+                "2026-03-28T20:00:00Z",
+                "2026-03-29T06:00:00Z",
+            ),
+            (
+                "Europe/Berlin",
+                "2026-10-24T20:00:00Z",
+                "2026-10-25T06:00:00Z",
+            ),
+            (
+                "America/New_York",
+                "2026-11-01T02:00:00Z",
+                "2026-11-01T10:00:00Z",
+            ),
+        ] {
+            for expr in ["0 * * * *", "30 2 * * *", "*/20 * * * *"] {
+                let when = CronSchedule::parse(expr, tz).unwrap();
+                let due = when.next_after(utc(from)).unwrap();
+                let forward: Vec<_> = std::iter::successors(Some(due), |t| {
+                    when.next_after(*t).ok().filter(|n| *n <= utc(to))
+                })
+                .collect();
+                let all = plan(expr, tz, Misfire::All, Some(due), utc(to), rules());
+                let ticks: Vec<_> = all.fires.iter().map(|f| f.tick).collect();
+                assert_eq!(ticks, forward, "{expr} in {tz}");
+                let once = plan(expr, tz, Misfire::Once, Some(due), utc(to), rules());
+                assert_eq!(
+                    once.fires[0].tick,
+                    *forward.last().unwrap(),
+                    "{expr} in {tz}"
+                );
+            }
+        }
     }
 
     #[test]
