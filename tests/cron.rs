@@ -704,7 +704,13 @@ tz = "America/New_York"
 "#,
     )
     .unwrap();
-    let p = HeraldProcess::command(&db.config, &["--config", &path, "run"], &[]);
+    // Its admin server on a port of its own, not the default one.
+    let admin = format!("127.0.0.1:{}", common::free_port());
+    let p = HeraldProcess::command(
+        &db.config,
+        &["--config", &path, "run"],
+        &[("HERALD_ADMIN_BIND", &admin)],
+    );
     let fired = wait_for(
         &db,
         "SELECT count(*) FROM herald.schedules WHERE name = 'keep' AND last_run_at IS NOT NULL",
