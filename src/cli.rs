@@ -3,6 +3,7 @@
 //! work itself is done by the library modules.
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
@@ -420,14 +421,9 @@ async fn run(config: &Config, which: Services) -> anyhow::Result<()> {
             .context("syncing [[subscriptions]] to herald.subscriptions")?;
     }
     let mut services = tokio::task::JoinSet::new();
-    if admin {
-        services.spawn(crate::admin::serve(
-            config.clone(),
-            pool.clone(),
-            redis.clone(),
-            shutdown.clone(),
-        ));
-    }
+    // What /readyz waits for: the LISTEN connection of each service here.
+    let readiness = crate::admin::Readiness::default();
+    let mut roles = Vec::new();
     if relay {
         if let Err(e) = redis.get().await {
             tracing::warn!(
@@ -436,15 +432,37 @@ async fn run(config: &Config, which: Services) -> anyhow::Result<()> {
                 "Redis does not answer yet; the relay keeps events in the outbox and retries"
             );
         }
-        services.spawn(Relay::new(config, pool.clone(), redis).run(shutdown.clone()));
+        let relay = Relay::new(config, pool.clone(), redis.clone());
+        let stats = relay.stats();
+        readiness.listener("relay", move || stats.listening.load(Ordering::Relaxed));
+        roles.push(crate::nodes::Role::Relay);
+        services.spawn(relay.run(shutdown.clone()));
     }
     if scheduler {
         let scheduler = crate::cron::Scheduler::new(config, pool.clone());
+        let stats = scheduler.stats();
+        readiness.listener("scheduler", move || stats.listening.load(Ordering::Relaxed));
+        roles.push(crate::nodes::Role::Scheduler);
         services.spawn(scheduler.run(shutdown.clone()));
     }
     if workers {
-        let worker = crate::worker::Worker::new(config, pool, crate::worker::Registry::new());
+        let worker =
+            crate::worker::Worker::new(config, pool.clone(), crate::worker::Registry::new());
+        let stats = worker.stats();
+        readiness.listener("worker", move || stats.listening.load(Ordering::Relaxed));
+        roles.push(crate::nodes::Role::Worker);
         services.spawn(worker.run(shutdown.clone()));
+    }
+    if admin {
+        let mut state = crate::admin::AdminState::new(config.clone(), pool.clone(), redis);
+        state.readiness = readiness;
+        roles.push(crate::nodes::Role::Admin);
+        services.spawn(crate::admin::serve(state, shutdown.clone()));
+    }
+    if !roles.is_empty() {
+        // One row in herald.nodes for this process, heartbeating until shutdown.
+        let node = crate::nodes::Node::new(config, &roles);
+        services.spawn(node.run(pool, shutdown.clone()));
     }
     while let Some(done) = services.join_next().await {
         // One service failing stops the others: the process exits non-zero

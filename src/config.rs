@@ -37,6 +37,7 @@ pub struct Config {
     /// `herald.schedules` when `herald run` / `herald scheduler` start.
     pub schedules: Vec<crate::cron::Schedule>,
     pub admin: AdminConfig,
+    pub nodes: NodesConfig,
     pub catalog: crate::events::CatalogConfig,
     /// The event catalog (`[[events]]`): declared topics, their payload
     /// schemas and delivery modes.
@@ -214,6 +215,7 @@ impl Default for Config {
             scheduler: SchedulerConfig::default(),
             schedules: Vec::new(),
             admin: AdminConfig::default(),
+            nodes: NodesConfig::default(),
             catalog: crate::events::CatalogConfig::default(),
             events: Vec::new(),
             subscriptions: Vec::new(),
@@ -282,11 +284,33 @@ impl Default for AdminConfig {
     }
 }
 
+/// `[nodes]`: every relay, worker, scheduler and admin process registers in
+/// `herald.nodes` and heartbeats.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NodesConfig {
+    /// How often a process refreshes its row (and expires dead ones).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// A node that missed this many heartbeats is considered dead and its
+    /// row is deleted by the next node that heartbeats.
+    pub missed_heartbeats: u32,
+}
+
+impl Default for NodesConfig {
+    fn default() -> Self {
+        NodesConfig {
+            heartbeat_interval: Duration::from_secs(10),
+            missed_heartbeats: 3,
+        }
+    }
+}
+
 /// `HERALD_<prefix>*` variables that are not settings.
 const RESERVED_ENV_PREFIXES: [&str; 3] = ["test_", "dev_", "ci_"];
 
 /// Sections whose keys the environment spells `HERALD_<SECTION>_<KEY>`.
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
     "postgres",
     "redis",
     "relay",
@@ -294,6 +318,7 @@ const SECTIONS: [&str; 7] = [
     "scheduler",
     "catalog",
     "admin",
+    "nodes",
 ];
 
 impl Config {
@@ -358,6 +383,16 @@ impl Config {
                     self.admin.bind
                 ))
             })?;
+        if self.nodes.heartbeat_interval.is_zero() {
+            return Err(Error::Config(
+                "nodes.heartbeat_interval must be more than 0 (e.g. 10s)".into(),
+            ));
+        }
+        if self.nodes.missed_heartbeats == 0 {
+            return Err(Error::Config(
+                "nodes.missed_heartbeats must be at least 1 (e.g. 3)".into(),
+            ));
+        }
         crate::events::Catalog::from_config(self)?;
         let mut names = std::collections::HashSet::new();
         for sub in &self.subscriptions {

@@ -14,6 +14,8 @@
 //! - [`subscriptions`]: durable subscriptions and exactly-once handlers.
 //! - [`stats`]: the operator views in one snapshot.
 //! - [`cron`]: cron schedules and the scheduler that fires them.
+//! - [`nodes`]: the live Herald processes (`herald.nodes`) and their heartbeats.
+//! - [`admin`]: the admin HTTP server (`/metrics`, `/healthz`, `/readyz`, dashboard).
 //! - [`config`]: settings from defaults, TOML and the environment.
 
 pub mod admin;
@@ -27,6 +29,7 @@ pub mod dlq;
 pub mod error;
 pub mod events;
 pub mod migrate;
+pub mod nodes;
 pub mod outbox;
 pub mod pubsub;
 pub mod queue;

@@ -145,3 +145,36 @@ pub async fn check_schema(client: &Client) -> Result<()> {
     }
     Ok(())
 }
+
+/// The newest migration version this binary embeds.
+pub fn latest_version() -> i32 {
+    embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| m.version())
+        .max()
+        .unwrap_or_default()
+}
+
+/// The newest migration version applied to the database (`None` before the
+/// first `herald migrate`).
+pub async fn schema_version<C: tokio_postgres::GenericClient + Sync>(
+    client: &C,
+) -> Result<Option<i32>> {
+    let exists: bool = client
+        .query_one(
+            &format!("SELECT to_regclass('{HISTORY_TABLE}') IS NOT NULL"),
+            &[],
+        )
+        .await
+        .context("reading the schema version")?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    let row = client
+        .query_one(&format!("SELECT max(version) FROM {HISTORY_TABLE}"), &[])
+        .await
+        .context("reading the schema version")?;
+    Ok(row.get(0))
+}

@@ -135,6 +135,8 @@ pub struct RelayStats {
     pub failed_batches: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub listen_connects: AtomicU64,
+    /// Whether the LISTEN connection is up now (`/readyz`).
+    pub listening: std::sync::atomic::AtomicBool,
     /// Events refused by the catalog (schema or strict mode).
     pub invalid: AtomicU64,
     /// Tasks inserted for durable subscriptions.
@@ -234,6 +236,7 @@ async fn listen(
             _ = shutdown.cancelled() => return,
             outcome = attempt => outcome,
         };
+        stats.listening.store(false, Ordering::Relaxed);
         match outcome {
             Ok(reason) => {
                 // We had a working session: retry at once-ish.
@@ -287,6 +290,7 @@ async fn listen_once(
         .await
         .context("LISTEN herald_outbox")?;
     stats.listen_connects.fetch_add(1, Ordering::Relaxed);
+    stats.listening.store(true, Ordering::Relaxed);
     tracing::debug!("relay listening on {CHANNEL}");
     // Sweep right after LISTEN took effect: anything committed before is
     // found by the sweep, anything after sends a notification.

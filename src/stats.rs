@@ -125,3 +125,137 @@ pub async fn snapshot<C: GenericClient + Sync>(client: &C) -> Result<Snapshot> {
         dead_letters,
     })
 }
+
+/// Tasks of one queue in one state, for `/metrics`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskGauge {
+    pub queue: String,
+    pub state: String,
+    pub count: i64,
+    /// Ready tasks whose run_at is still in the future (state `ready` only).
+    pub scheduled: i64,
+    /// Age in seconds of the oldest due ready task (0 when none).
+    pub oldest_ready_secs: f64,
+    /// Running tasks whose lease has expired: waiting for the rescuer.
+    pub expired_leases: i64,
+}
+
+/// Dead letters of one source, queue and kind (or topic), for `/metrics`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetterGauge {
+    pub source: String,
+    pub queue: String,
+    pub kind: String,
+    pub count: i64,
+}
+
+/// One cron schedule's timing, for `/metrics`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScheduleGauge {
+    pub name: String,
+    pub enabled: bool,
+    /// Seconds until `next_run_at` (negative when overdue); None when not
+    /// computed or unusable.
+    pub next_run_in_secs: Option<f64>,
+    /// Whether the scheduler marked the schedule unusable (`last_error`).
+    pub has_error: bool,
+}
+
+/// The figures `/metrics` reads at every scrape. Each is one aggregate
+/// statement over a table that stays small in normal operation (finished
+/// tasks are deleted unless retained, published events leave the outbox).
+#[derive(Debug, Clone, Serialize)]
+pub struct Gauges {
+    pub tasks: Vec<TaskGauge>,
+    pub outbox: OutboxBacklog,
+    pub dead_letters: Vec<DeadLetterGauge>,
+    pub schedules: Vec<ScheduleGauge>,
+}
+
+/// Read [`Gauges`]. Run it in a READ ONLY transaction with a
+/// `statement_timeout` so a scrape never holds locks or runs long.
+pub async fn gauges<C: GenericClient + Sync>(client: &C) -> Result<Gauges> {
+    let tasks = client
+        .query(
+            "SELECT queue, state, count(*) AS count,
+                    count(*) FILTER (WHERE state = 'ready' AND run_at > now()) AS scheduled,
+                    coalesce(extract(epoch FROM now() - min(run_at)
+                             FILTER (WHERE state = 'ready' AND run_at <= now())), 0)::float8
+                        AS oldest_ready_secs,
+                    count(*) FILTER (WHERE state = 'running' AND lease_expires_at < now())
+                        AS expired_leases
+             FROM herald.tasks
+             GROUP BY queue, state
+             ORDER BY queue, state",
+            &[],
+        )
+        .await
+        .context("counting herald.tasks")?
+        .iter()
+        .map(|r| TaskGauge {
+            queue: r.get("queue"),
+            state: r.get("state"),
+            count: r.get("count"),
+            scheduled: r.get("scheduled"),
+            oldest_ready_secs: r.get("oldest_ready_secs"),
+            expired_leases: r.get("expired_leases"),
+        })
+        .collect();
+    let row = client
+        .query_one(
+            "SELECT unpublished, extract(epoch FROM oldest_age)::float8 AS oldest_age_secs, failing
+             FROM herald.outbox_backlog",
+            &[],
+        )
+        .await
+        .context("reading herald.outbox_backlog")?;
+    let outbox = OutboxBacklog {
+        unpublished: row.get("unpublished"),
+        oldest_age_secs: row.get("oldest_age_secs"),
+        failing: row.get("failing"),
+    };
+    let dead_letters = client
+        .query(
+            "SELECT source, coalesce(queue, '') AS queue, coalesce(kind, topic, '') AS kind,
+                    count(*) AS count
+             FROM herald.dead_letters
+             GROUP BY 1, 2, 3
+             ORDER BY 1, 2, 3",
+            &[],
+        )
+        .await
+        .context("counting herald.dead_letters")?
+        .iter()
+        .map(|r| DeadLetterGauge {
+            source: r.get("source"),
+            queue: r.get("queue"),
+            kind: r.get("kind"),
+            count: r.get("count"),
+        })
+        .collect();
+    let schedules = client
+        .query(
+            "SELECT name, enabled,
+                    extract(epoch FROM next_run_at - now())::float8 AS next_run_in_secs,
+                    last_error IS NOT NULL AS has_error
+             FROM herald.schedules
+             ORDER BY name",
+            &[],
+        )
+        .await
+        .context("reading herald.schedules")?
+        .iter()
+        .map(|r| ScheduleGauge {
+            name: r.get("name"),
+            enabled: r.get("enabled"),
+            next_run_in_secs: r.get("next_run_in_secs"),
+            has_error: r.get("has_error"),
+        })
+        .collect();
+    Ok(Gauges {
+        tasks,
+        outbox,
+        dead_letters,
+        schedules,
+    })
+}

@@ -416,6 +416,8 @@ pub struct WorkerStats {
     pub succeeded: std::sync::atomic::AtomicU64,
     pub failed: std::sync::atomic::AtomicU64,
     pub rescued: std::sync::atomic::AtomicU64,
+    /// Whether the LISTEN connection is up now (`/readyz`).
+    pub listening: std::sync::atomic::AtomicBool,
 }
 
 struct Shared {
@@ -581,6 +583,10 @@ async fn listen(shared: Arc<Shared>, wake: Arc<watch::Sender<u64>>, stop: Cancel
                 .batch_execute("LISTEN herald_tasks; LISTEN herald_cancel")
                 .await
                 .context("LISTEN herald_tasks, herald_cancel")?;
+            shared
+                .stats
+                .listening
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             // Anything enqueued before LISTEN took effect is found now.
             wake.send_modify(|g| *g += 1);
             let reason = end_rx.await.unwrap_or_else(|_| "driver ended".into());
@@ -591,6 +597,10 @@ async fn listen(shared: Arc<Shared>, wake: Arc<watch::Sender<u64>>, stop: Cancel
             _ = stop.cancelled() => return,
             o = session => o,
         };
+        shared
+            .stats
+            .listening
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         match outcome {
             Ok(reason) => {
                 backoff = Duration::from_millis(50);

@@ -18,6 +18,11 @@ use axum::Router;
 use deadpool_postgres::Pool;
 use tokio_util::sync::CancellationToken;
 
+pub mod health;
+pub mod metrics;
+
+pub use health::Readiness;
+
 use crate::config::Config;
 use crate::error::{Error, Result};
 
@@ -30,6 +35,23 @@ pub struct AdminState {
     pub read_only: bool,
     /// When the process started, for `/healthz` and the dashboard.
     pub started_at: chrono::DateTime<chrono::Utc>,
+    /// This process's LISTEN connections, for `/readyz`.
+    pub readiness: Readiness,
+}
+
+impl AdminState {
+    /// The state for `config`, with no LISTEN connection registered yet
+    /// (see [`Readiness::listener`]).
+    pub fn new(config: Config, pool: Pool, redis: deadpool_redis::Pool) -> AdminState {
+        AdminState {
+            read_only: config.admin.read_only,
+            config,
+            pool,
+            redis,
+            started_at: chrono::Utc::now(),
+            readiness: Readiness::default(),
+        }
+    }
 }
 
 pub type SharedState = Arc<AdminState>;
@@ -37,21 +59,19 @@ pub type SharedState = Arc<AdminState>;
 /// Every route, behind the token check when a token is set.
 pub fn router(state: SharedState) -> Router {
     Router::new()
-        .route("/metrics", axum::routing::get(metrics))
+        .route("/metrics", axum::routing::get(metrics::metrics))
+        .route("/healthz", axum::routing::get(health::healthz))
+        .route("/readyz", axum::routing::get(health::readyz))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state)
 }
 
-async fn metrics() -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        crate::telemetry::render_metrics(),
-    )
-}
-
-/// `Authorization: Bearer <token>` on every request when `admin.token` is set.
+/// `Authorization: Bearer <token>` on every request when `admin.token` is
+/// set, except the probes `/healthz` and `/readyz`: orchestrators cannot
+/// send a secret header, and they reveal only up/down.
 async fn require_token(State(state): State<SharedState>, request: Request, next: Next) -> Response {
-    if let Some(token) = &state.config.admin.token {
+    let probe = matches!(request.uri().path(), "/healthz" | "/readyz");
+    if let Some(token) = state.config.admin.token.as_ref().filter(|_| !probe) {
         let given = request
             .headers()
             .get(header::AUTHORIZATION)
@@ -82,34 +102,43 @@ pub fn check_bind(config: &Config) -> Result<SocketAddr> {
             config.admin.bind
         ))
     })?;
+    check_addr(config, addr)?;
+    Ok(addr)
+}
+
+/// Refuse to serve on `addr` when it is not loopback and no token is set.
+pub fn check_addr(config: &Config, addr: SocketAddr) -> Result<()> {
     if !addr.ip().is_loopback() && config.admin.token.as_deref().unwrap_or("").is_empty() {
         return Err(Error::Config(format!(
             "admin.bind {addr} is not a loopback address: set admin.token (HERALD_ADMIN_TOKEN) \
              so the dashboard and its actions are not open to the network"
         )));
     }
-    Ok(addr)
+    Ok(())
 }
 
-/// Serve until `shutdown`.
-pub async fn serve(
-    config: Config,
-    pool: Pool,
-    redis: deadpool_redis::Pool,
-    shutdown: CancellationToken,
-) -> Result<()> {
-    let addr = check_bind(&config)?;
-    let read_only = config.admin.read_only;
-    let state = Arc::new(AdminState {
-        config,
-        pool,
-        redis,
-        read_only,
-        started_at: chrono::Utc::now(),
-    });
+/// Bind `admin.bind` (refusing a non-loopback address without a token) and
+/// serve until `shutdown`.
+pub async fn serve(state: AdminState, shutdown: CancellationToken) -> Result<()> {
+    let addr = check_bind(&state.config)?;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| Error::Other(format!("admin server: binding {addr}: {e}")))?;
+    serve_on(listener, state, shutdown).await
+}
+
+/// Serve on a listener the caller bound (tests bind 127.0.0.1:0) until
+/// `shutdown`. The loopback-or-token rule applies to its address too.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    state: AdminState,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Other(format!("admin server: reading the bound address: {e}")))?;
+    check_addr(&state.config, addr)?;
+    let state = Arc::new(state);
     tracing::info!(%addr, read_only = state.read_only, "admin server listening");
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
