@@ -182,6 +182,8 @@ pub async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = Config::load(cli.config.as_deref()).context("loading the configuration")?;
     crate::telemetry::init(config.log_format);
+    // Flushes spans still buffered for OTLP when main returns, error or not.
+    let _telemetry = crate::telemetry::ShutdownOnDrop;
     match cli.command {
         Command::Migrate => {
             let report = crate::migrate::migrate(&config)

@@ -808,6 +808,8 @@ pub fn plan(
 /// Counters a caller (a test, the bench) can read while it runs.
 #[derive(Debug, Default)]
 pub struct SchedulerStats {
+    /// Times the scheduler looked at the table (claim and next-tick query).
+    pub cycles: AtomicU64,
     pub fired: AtomicU64,
     pub claims: AtomicU64,
     pub invalid: AtomicU64,
@@ -972,6 +974,7 @@ impl Scheduler {
     /// database's clock (`<= 0`: due rows are held by another scheduler), or
     /// `None` when no enabled schedule has one.
     async fn cycle(&self, rules: MisfireRules) -> Result<Option<f64>> {
+        self.stats.cycles.fetch_add(1, Ordering::Relaxed);
         loop {
             let claimed = self.claim_and_fire(rules).await?;
             if claimed < CLAIM_BATCH as usize {

@@ -127,6 +127,12 @@ impl Event {
     /// The envelope consumers receive, as the relay would build it, stamped
     /// now (fire-and-forget events never pass through Postgres).
     pub fn envelope_json(&self) -> String {
+        let mut headers = self.headers.clone();
+        if !headers.contains_key(headers::TRACEPARENT) {
+            if let Some(tp) = crate::telemetry::current_traceparent() {
+                headers.insert(headers::TRACEPARENT.into(), Value::String(tp));
+            }
+        }
         // `payload` is already checked JSON text; embed it as is.
         let raw = serde_json::value::RawValue::from_string(self.payload.clone());
         let payload = match raw {
@@ -138,7 +144,7 @@ impl Event {
             "topic": self.topic,
             "key": self.key,
             "payload": payload,
-            "headers": self.headers,
+            "headers": headers,
             "created_at": chrono::Utc::now(),
         })
         .to_string()
@@ -159,8 +165,10 @@ impl Event {
         Ok(())
     }
 
-    fn headers_json(&self) -> String {
-        Value::Object(self.headers.clone()).to_string()
+    /// Headers as JSON text; `traceparent` (the producer's trace context)
+    /// is added when the event has none.
+    fn headers_json(&self, traceparent: Option<&str>) -> String {
+        crate::telemetry::headers_json_with(&self.headers, traceparent)
     }
 }
 
@@ -273,7 +281,8 @@ impl Outbox {
         event: &Event,
     ) -> Result<Uuid> {
         event.check_size(self.max_payload_bytes)?;
-        let headers = event.headers_json();
+        let traceparent = crate::telemetry::current_traceparent();
+        let headers = event.headers_json(traceparent.as_deref());
         client
             .execute_typed(
                 INSERT_ONE,
@@ -290,6 +299,12 @@ impl Outbox {
                 "inserting event on topic {:?} into herald.outbox",
                 event.topic
             ))?;
+        tracing::debug!(
+            event = crate::telemetry::names::event::EVENT_PUBLISHED,
+            herald.topic = event.topic.as_str(),
+            herald.event.id = %event.id,
+            "event written to the outbox"
+        );
         Ok(event.id)
     }
 
@@ -310,7 +325,11 @@ impl Outbox {
         let topics: Vec<&str> = events.iter().map(|e| e.topic.as_str()).collect();
         let keys: Vec<Option<&str>> = events.iter().map(|e| e.key.as_deref()).collect();
         let payloads: Vec<&str> = events.iter().map(|e| e.payload.as_str()).collect();
-        let headers: Vec<String> = events.iter().map(Event::headers_json).collect();
+        let traceparent = crate::telemetry::current_traceparent();
+        let headers: Vec<String> = events
+            .iter()
+            .map(|e| e.headers_json(traceparent.as_deref()))
+            .collect();
         client
             .execute_typed(
                 INSERT_BATCH,
@@ -327,6 +346,12 @@ impl Outbox {
                 "inserting {} events into herald.outbox",
                 events.len()
             ))?;
+        tracing::debug!(
+            event = crate::telemetry::names::event::EVENT_PUBLISHED,
+            herald.topic = events[0].topic.as_str(),
+            herald.event.count = events.len() as i64,
+            "events written to the outbox"
+        );
         Ok(ids)
     }
 }

@@ -206,7 +206,7 @@ impl Subscriber {
                 match self.connect().await {
                     Ok(()) => {
                         if let Some((since, reason)) = self.lost.take() {
-                            tracing::info!(url = %self.url, "redis subscriber reconnected");
+                            crate::telemetry::reconnected("redis", "subscriber");
                             return Ok(Delivery::Gap(Gap {
                                 disconnected_at: since,
                                 reconnected_at: Utc::now(),
@@ -268,7 +268,13 @@ impl Subscriber {
     }
 
     fn mark_lost(&mut self, reason: String) {
-        tracing::warn!(url = %self.url, %reason, "redis subscriber lost its connection; reconnecting");
+        tracing::warn!(
+            event = crate::telemetry::names::event::REDIS_CONNECTION_LOST,
+            component = "subscriber",
+            url = %self.url,
+            %reason,
+            "redis subscriber lost its connection; reconnecting"
+        );
         self.conn = None;
         self.lost = Some((Utc::now(), reason));
     }

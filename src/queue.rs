@@ -16,6 +16,8 @@ use tokio_postgres::GenericClient;
 
 use crate::error::{Context, Error, Result};
 use crate::outbox::DEFAULT_MAX_PAYLOAD_BYTES;
+use crate::telemetry::names::event;
+use crate::telemetry::names::metric::TASKS_ENQUEUED;
 
 pub const DEFAULT_QUEUE: &str = "default";
 pub const DEFAULT_MAX_ATTEMPTS: i32 = 25;
@@ -156,8 +158,10 @@ impl Task {
         Ok(())
     }
 
-    fn headers_json(&self) -> String {
-        Value::Object(self.headers.clone()).to_string()
+    /// Headers as JSON text; `traceparent` (the producer's trace context)
+    /// is added when the task has none.
+    fn headers_json(&self, traceparent: Option<&str>) -> String {
+        crate::telemetry::headers_json_with(&self.headers, traceparent)
     }
 }
 
@@ -241,7 +245,8 @@ impl Queue {
     /// its id, or the id of the unfinished task holding its unique key.
     pub async fn enqueue<C: GenericClient + Sync>(&self, client: &C, task: &Task) -> Result<i64> {
         task.check(self.max_payload_bytes)?;
-        let headers = task.headers_json();
+        let traceparent = crate::telemetry::current_traceparent();
+        let headers = task.headers_json(traceparent.as_deref());
         let delay = task.delay.as_secs_f64();
         let timeout = task.timeout.map(|t| t.as_secs_f64());
         for _ in 0..5 {
@@ -267,7 +272,16 @@ impl Queue {
                     task.kind
                 ))?;
             if let Some(row) = row {
-                return Ok(row.get(0));
+                let id: i64 = row.get(0);
+                metrics::counter!(TASKS_ENQUEUED, "queue" => task.queue.clone()).increment(1);
+                tracing::debug!(
+                    event = event::TASK_ENQUEUED,
+                    herald.queue = task.queue.as_str(),
+                    herald.task.kind = task.kind.as_str(),
+                    herald.task.id = id,
+                    "task enqueued"
+                );
+                return Ok(id);
             }
         }
         Err(Error::Other(format!(
@@ -292,7 +306,11 @@ impl Queue {
         let queues: Vec<&str> = tasks.iter().map(|t| t.queue.as_str()).collect();
         let kinds: Vec<&str> = tasks.iter().map(|t| t.kind.as_str()).collect();
         let payloads: Vec<&str> = tasks.iter().map(|t| t.payload.as_str()).collect();
-        let headers: Vec<String> = tasks.iter().map(Task::headers_json).collect();
+        let traceparent = crate::telemetry::current_traceparent();
+        let headers: Vec<String> = tasks
+            .iter()
+            .map(|t| t.headers_json(traceparent.as_deref()))
+            .collect();
         let priorities: Vec<i32> = tasks.iter().map(|t| t.priority).collect();
         let run_ats: Vec<Option<DateTime<Utc>>> = tasks.iter().map(|t| t.run_at).collect();
         let delays: Vec<f64> = tasks.iter().map(|t| t.delay.as_secs_f64()).collect();
@@ -324,6 +342,7 @@ impl Queue {
                 "enqueueing {} tasks into herald.tasks",
                 tasks.len()
             ))?;
+        count_enqueued(tasks);
         // Identity values grow in insertion order, which follows the input.
         let mut inserted: Vec<(i64, Option<String>)> =
             rows.iter().map(|r| (r.get(0), r.get(1))).collect();
@@ -366,6 +385,24 @@ impl Queue {
     }
 }
 
+/// Count a batch by queue (usually one) and log it.
+fn count_enqueued(tasks: &[Task]) {
+    let mut i = 0;
+    while i < tasks.len() {
+        let queue = &tasks[i].queue;
+        let n = tasks[i..].iter().take_while(|t| &t.queue == queue).count();
+        metrics::counter!(TASKS_ENQUEUED, "queue" => queue.clone()).increment(n as u64);
+        i += n;
+    }
+    tracing::debug!(
+        event = event::TASK_ENQUEUED,
+        herald.queue = tasks[0].queue.as_str(),
+        herald.task.kind = tasks[0].kind.as_str(),
+        herald.task.count = tasks.len() as i64,
+        "tasks enqueued"
+    );
+}
+
 /// [`Queue::enqueue`] with the default payload limit.
 pub async fn enqueue<C: GenericClient + Sync>(client: &C, task: &Task) -> Result<i64> {
     Queue::default().enqueue(client, task).await
@@ -387,7 +424,22 @@ pub async fn cancel<C: GenericClient + Sync>(client: &C, id: i64) -> Result<Opti
         .query_one("SELECT herald.cancel_task($1)", &[&id])
         .await
         .context(format!("cancelling task {id}"))?;
-    Ok(row.get(0))
+    let outcome: Option<String> = row.get(0);
+    if let Some(outcome) = &outcome {
+        // `cancelled` ends a ready task now; `cancelling` asks its worker.
+        let event = if outcome == "cancelled" {
+            event::TASK_CANCELLED
+        } else {
+            event::TASK_CANCEL_REQUESTED
+        };
+        tracing::info!(
+            event,
+            herald.task.id = id,
+            outcome = outcome.as_str(),
+            "task cancel requested"
+        );
+    }
+    Ok(outcome)
 }
 
 /// One row of `herald.tasks`, as an operator sees it.

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::error::{Context, Error, Result};
 use crate::events::Catalog;
+use crate::telemetry::names::{event, metric};
 
 /// The notification channel the outbox trigger signals.
 pub const CHANNEL: &str = "herald_outbox";
@@ -189,6 +190,7 @@ impl Relay {
             redis: self.redis.clone(),
             stats: self.stats.clone(),
             catalog,
+            redis_down: Default::default(),
         });
         // Create today's archive partition before the first claim, so
         // archived rows never start out in the default partition.
@@ -241,7 +243,8 @@ async fn listen(
             Ok(reason) => {
                 // We had a working session: retry at once-ish.
                 backoff.reset();
-                tracing::warn!(%reason, "relay LISTEN connection lost; reconnecting");
+                tracing::warn!(event = event::POSTGRES_CONNECTION_LOST, component = "relay",
+                    %reason, "relay LISTEN connection lost; reconnecting");
             }
             Err(error) => tracing::warn!(%error, "relay LISTEN connection failed"),
         }
@@ -289,7 +292,9 @@ async fn listen_once(
         .batch_execute(&format!("LISTEN {CHANNEL}"))
         .await
         .context("LISTEN herald_outbox")?;
-    stats.listen_connects.fetch_add(1, Ordering::Relaxed);
+    if stats.listen_connects.fetch_add(1, Ordering::Relaxed) > 0 {
+        crate::telemetry::reconnected("postgres", "relay");
+    }
     stats.listening.store(true, Ordering::Relaxed);
     tracing::debug!("relay listening on {CHANNEL}");
     // Sweep right after LISTEN took effect: anything committed before is
@@ -307,6 +312,9 @@ struct Drainer {
     redis: deadpool_redis::Pool,
     stats: Arc<RelayStats>,
     catalog: Catalog,
+    /// A publish failed because Redis was unreachable; the next success is
+    /// a reconnect.
+    redis_down: std::sync::atomic::AtomicBool,
 }
 
 impl Drainer {
@@ -337,7 +345,8 @@ impl Drainer {
                     Ok(_) => backoff.reset(),
                     Err(error) => {
                         self.stats.failed_batches.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(%error, "relay batch failed; backing off");
+                        metrics::counter!(metric::RELAY_FAILED_BATCHES).increment(1);
+                        tracing::warn!(event = event::RELAY_BATCH_FAILED, %error, "relay batch failed; backing off");
                         failed = true;
                         break;
                     }
@@ -375,6 +384,7 @@ impl Drainer {
             .transaction()
             .await
             .context("beginning the claim transaction")?;
+        let claim_started = Instant::now();
         let rows = tx
             .query(
                 &claim,
@@ -392,6 +402,39 @@ impl Drainer {
             tx.commit().await.context("ending an empty claim")?;
             return Ok(0);
         }
+        // One span per non-empty batch (never per event): an empty claim,
+        // the idle relay's poll, leaves no trace.
+        let span = tracing::info_span!(
+            "herald.relay.batch",
+            herald.relay.events = rows.len() as i64,
+            herald.relay.partitions = tracing::field::Empty,
+            herald.relay.published = tracing::field::Empty,
+            herald.relay.fanned_out = tracing::field::Empty,
+            herald.relay.refused = tracing::field::Empty,
+            herald.relay.claim_ms = claim_started.elapsed().as_secs_f64() * 1000.0,
+            otel.status_code = tracing::field::Empty,
+        );
+        metrics::histogram!(metric::RELAY_BATCH_SIZE).record(rows.len() as f64);
+        // The partition locks this batch holds until it commits or rolls
+        // back: those its events came from.
+        let held = if span.is_disabled() && !tracing::enabled!(tracing::Level::DEBUG) {
+            String::new()
+        } else {
+            let mut parts: Vec<i16> = rows.iter().map(|r| r.get::<_, i16>(2)).collect();
+            parts.sort_unstable();
+            parts.dedup();
+            let list = parts
+                .iter()
+                .map(i16::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            span.record("herald.relay.partitions", list.as_str());
+            tracing::debug!(parent: &span, event = event::RELAY_BATCH_CLAIMED,
+                events = rows.len() as i64, "relay batch claimed");
+            tracing::debug!(parent: &span, event = event::RELAY_PARTITION_ACQUIRED,
+                partitions = list.as_str(), "relay partitions acquired");
+            list
+        };
         let mut ids = Vec::with_capacity(rows.len());
         let mut partitions = Vec::with_capacity(rows.len());
         let mut messages = Vec::with_capacity(rows.len());
@@ -427,8 +470,12 @@ impl Drainer {
             self.stats
                 .invalid
                 .fetch_add(invalid.0.len() as u64, Ordering::Relaxed);
+            span.record("herald.relay.refused", invalid.0.len() as i64);
+            metrics::counter!(metric::DEAD_LETTERS, "source" => "outbox")
+                .increment(invalid.0.len() as u64);
             for (id, reason) in invalid.0.iter().zip(&invalid.2) {
-                tracing::warn!(outbox_id = id, %reason, "event refused by the catalog; moved to herald.dead_letters");
+                tracing::warn!(parent: &span, event = event::RELAY_EVENT_REFUSED, outbox_id = id,
+                    %reason, "event refused by the catalog; moved to herald.dead_letters");
             }
         }
         if !messages.is_empty() {
@@ -441,18 +488,30 @@ impl Drainer {
                 .await
                 .context("inserting tasks for durable subscriptions")?;
             self.stats.fanned_out.fetch_add(tasks, Ordering::Relaxed);
+            span.record("herald.relay.fanned_out", tasks as i64);
+            if tasks > 0 {
+                metrics::counter!(metric::RELAY_FANNED_OUT).increment(tasks);
+            }
         }
         let published =
             crate::pubsub::publish_all(&self.redis, &messages, self.config.redis.response_timeout)
                 .await;
         match published {
             Ok(_) => {
+                if self.redis_down.swap(false, Ordering::Relaxed) {
+                    crate::telemetry::reconnected("redis", "relay");
+                }
                 tx.commit().await.context("committing a published batch")?;
                 self.stats
                     .published
                     .fetch_add(messages.len() as u64, Ordering::Relaxed);
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(events = messages.len(), "relay batch published");
+                metrics::counter!(metric::RELAY_PUBLISHED).increment(messages.len() as u64);
+                span.record("herald.relay.published", messages.len() as i64);
+                tracing::debug!(parent: &span, event = event::RELAY_BATCH_PUBLISHED,
+                    events = messages.len() as i64, "relay batch published");
+                tracing::debug!(parent: &span, event = event::RELAY_PARTITION_RELEASED,
+                    partitions = held.as_str(), outcome = "committed", "relay partitions released");
                 Ok(rows.len())
             }
             Err(error) => {
@@ -460,7 +519,14 @@ impl Drainer {
                 // and retire the ones that have failed too often.
                 tx.rollback().await.context("rolling back a failed batch")?;
                 drop(client);
+                span.record("otel.status_code", "ERROR");
+                tracing::debug!(parent: &span, event = event::RELAY_PARTITION_RELEASED,
+                    partitions = held.as_str(), outcome = "rolled back", "relay partitions released");
                 let counts = !is_outage(&error);
+                if !counts && !self.redis_down.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(parent: &span, event = event::REDIS_CONNECTION_LOST,
+                        component = "relay", %error, "Redis unreachable; the relay holds events back");
+                }
                 self.record_failure(&ids, &partitions, &error.to_string(), counts)
                     .await?;
                 Err(error)
@@ -515,7 +581,9 @@ impl Drainer {
             .context("committing a failed batch's attempts")?;
         if dead > 0 {
             self.stats.dead_lettered.fetch_add(dead, Ordering::Relaxed);
+            metrics::counter!(metric::DEAD_LETTERS, "source" => "outbox").increment(dead);
             tracing::error!(
+                event = event::RELAY_DEAD_LETTERED,
                 events = dead,
                 max_attempts = self.config.relay.max_attempts,
                 %error,

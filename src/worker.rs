@@ -34,6 +34,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::error::{describe_pg, Context, Error, Result};
+use crate::telemetry::names::{event, metric};
+use tracing::Instrument;
 
 /// `application_name` of the worker's LISTEN connection.
 pub const LISTEN_APPLICATION_NAME: &str = "herald-worker-listen";
@@ -319,7 +321,7 @@ WHERE t.id = ANY(ARRAY(
     LIMIT $2
     FOR UPDATE SKIP LOCKED))
 RETURNING t.id, t.kind, t.payload::text, t.headers::text, t.attempts, t.max_attempts,
-          extract(epoch FROM t.timeout)::float8";
+          extract(epoch FROM t.timeout)::float8, extract(epoch FROM now() - t.run_at)::float8";
 
 // Seconds until the queue's earliest ready task is due (≤ 0: due now).
 const NEXT_DUE: &str = "
@@ -396,7 +398,10 @@ enum Result_ {
         permanent: bool,
         retry_in: Duration,
     },
+    /// Snoozed by the handler.
     Requeue(Duration),
+    /// Handed back at shutdown, to run at once elsewhere.
+    Released,
     Cancelled(String),
     /// Nothing to write: the lease is gone.
     Abandoned,
@@ -407,6 +412,12 @@ struct Completion {
     id: i64,
     attempt: i32,
     result: Result_,
+    queue: Arc<str>,
+    kind: String,
+    /// How long the handler ran.
+    run: Duration,
+    /// The task's `herald.task.run` span: it ends once the outcome is written.
+    span: tracing::Span,
 }
 
 /// Counters for tests, benches and the CLI.
@@ -550,7 +561,9 @@ impl Worker {
 /// LISTEN herald_tasks (wake producers) and herald_cancel (fire tokens).
 async fn listen(shared: Arc<Shared>, wake: Arc<watch::Sender<u64>>, stop: CancellationToken) {
     let mut backoff = Duration::from_millis(50);
+    let mut sessions = 0u64;
     loop {
+        let sessions = &mut sessions;
         let session = async {
             let pg = crate::db::pg_config(&shared.config, LISTEN_APPLICATION_NAME)?;
             let (client, mut connection) = pg
@@ -583,6 +596,10 @@ async fn listen(shared: Arc<Shared>, wake: Arc<watch::Sender<u64>>, stop: Cancel
                 .batch_execute("LISTEN herald_tasks; LISTEN herald_cancel")
                 .await
                 .context("LISTEN herald_tasks, herald_cancel")?;
+            *sessions += 1;
+            if *sessions > 1 {
+                crate::telemetry::reconnected("postgres", "worker");
+            }
             shared
                 .stats
                 .listening
@@ -604,7 +621,8 @@ async fn listen(shared: Arc<Shared>, wake: Arc<watch::Sender<u64>>, stop: Cancel
         match outcome {
             Ok(reason) => {
                 backoff = Duration::from_millis(50);
-                tracing::warn!(%reason, "worker LISTEN connection lost; reconnecting");
+                tracing::warn!(event = event::POSTGRES_CONNECTION_LOST, component = "worker",
+                    %reason, "worker LISTEN connection lost; reconnecting");
             }
             Err(error) => {
                 tracing::warn!(%error, "worker LISTEN connection failed");
@@ -673,6 +691,8 @@ async fn produce(
 ) {
     let cfg = &shared.config.worker;
     let mut backoff = Duration::from_millis(100);
+    let queue_label: Arc<str> = queue.as_str().into();
+    let pickup = metrics::histogram!(metric::TASK_PICKUP, "queue" => queue.clone());
     // Free permits worth a claim while the queue is busy.
     let low_water = (sem.available_permits() / 4).clamp(1, cfg.batch_size);
     loop {
@@ -712,6 +732,14 @@ async fn produce(
             }
         };
         let claimed = rows.len();
+        if claimed > 0 {
+            tracing::debug!(
+                event = event::TASK_CLAIMED,
+                herald.queue = queue.as_str(),
+                herald.task.count = claimed as i64,
+                "tasks claimed"
+            );
+        }
         shared
             .stats
             .claimed
@@ -723,7 +751,14 @@ async fn produce(
                 tracing::error!("no permit for a claimed task; it will be rescued after its lease");
                 continue;
             };
-            start(shared.clone(), &queue, row, permit, done.clone());
+            start(
+                shared.clone(),
+                &queue_label,
+                &pickup,
+                row,
+                permit,
+                done.clone(),
+            );
         }
         if claimed >= want {
             continue;
@@ -747,7 +782,8 @@ async fn produce(
 /// Spawn the executor of one claimed task.
 fn start(
     shared: Arc<Shared>,
-    queue: &str,
+    queue: &Arc<str>,
+    pickup: &metrics::Histogram,
     row: tokio_postgres::Row,
     permit: tokio::sync::OwnedSemaphorePermit,
     done: mpsc::UnboundedSender<Completion>,
@@ -759,6 +795,8 @@ fn start(
     let attempt: i32 = row.get(4);
     let max_attempts: i32 = row.get(5);
     let task_timeout: Option<f64> = row.get(6);
+    let waited: Option<f64> = row.get(7);
+    pickup.record(waited.unwrap_or(0.0).max(0.0));
     let token = CancellationToken::new();
     shared
         .running
@@ -775,6 +813,20 @@ fn start(
         Ok(Value::Object(m)) => m,
         _ => Map::new(),
     };
+    let span = tracing::info_span!(
+        "herald.task.run",
+        otel.kind = "consumer",
+        herald.queue = &**queue,
+        herald.task.kind = kind.as_str(),
+        herald.task.id = id,
+        herald.task.attempt = attempt,
+        herald.task.max_attempts = max_attempts,
+        herald.task.outcome = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    // The producer's trace context, stored at enqueue (or copied from the
+    // event by the relay's fan-out), makes this span its child.
+    crate::telemetry::set_parent_from_headers(&span, &headers);
     let ctx = TaskContext {
         id,
         kind: kind.clone(),
@@ -787,15 +839,26 @@ fn start(
         worker_id: shared.id.clone(),
         retain_completed: shared.config.worker.retain_completed.is_some(),
     };
-    tokio::spawn(async move {
-        let result = execute(&shared, ctx, &kind, &payload, task_timeout, &token).await;
-        let _ = done.send(Completion {
-            id,
-            attempt,
-            result,
-        });
-        drop(permit);
-    });
+    let queue = queue.clone();
+    let task_span = span.clone();
+    tokio::spawn(
+        async move {
+            tracing::debug!(event = event::TASK_STARTED, "task started");
+            let t0 = Instant::now();
+            let result = execute(&shared, ctx, &kind, &payload, task_timeout, &token).await;
+            let _ = done.send(Completion {
+                id,
+                attempt,
+                result,
+                queue,
+                kind,
+                run: t0.elapsed(),
+                span: task_span,
+            });
+            drop(permit);
+        }
+        .instrument(span),
+    );
 }
 
 async fn execute(
@@ -861,7 +924,7 @@ async fn execute(
     match outcome {
         None => match stop_reason() {
             Some(StopReason::Cancelled) => Result_::Cancelled("cancelled on request".into()),
-            Some(StopReason::Shutdown) => Result_::Requeue(Duration::ZERO),
+            Some(StopReason::Shutdown) => Result_::Released,
             _ => Result_::Abandoned,
         },
         Some(Err(panic)) => {
@@ -907,6 +970,8 @@ async fn sleep_or_forever(d: Option<Duration>) {
 async fn complete(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Completion>) {
     const MAX_BATCH: usize = 1000;
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut outcomes = Vec::with_capacity(MAX_BATCH);
+    let mut meters = Meters::default();
     while let Some(first) = rx.recv().await {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -918,8 +983,12 @@ async fn complete(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Completio
         let mut attempts_left = 5;
         let t0 = Instant::now();
         loop {
-            match write_completions(&shared, &batch).await {
-                Ok(()) => break,
+            outcomes.clear();
+            match write_completions(&shared, &batch, &mut outcomes).await {
+                Ok(()) => {
+                    report(&mut meters, &batch, &outcomes);
+                    break;
+                }
                 Err(error) => {
                     attempts_left -= 1;
                     if attempts_left == 0 {
@@ -940,7 +1009,130 @@ async fn complete(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Completio
     }
 }
 
-async fn write_completions(shared: &Shared, batch: &[Completion]) -> Result<()> {
+/// What became of each attempt, in batch order, for metrics and spans.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Ended {
+    Succeeded,
+    Retried,
+    Dead,
+    Cancelled,
+    Snoozed,
+    Released,
+    /// Nothing was written: the lease had passed on (the rescuer or another
+    /// worker owns the task now).
+    Lost,
+}
+
+impl Ended {
+    const ALL: [Ended; 7] = [
+        Ended::Succeeded,
+        Ended::Retried,
+        Ended::Dead,
+        Ended::Cancelled,
+        Ended::Snoozed,
+        Ended::Released,
+        Ended::Lost,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Ended::Succeeded => "succeeded",
+            Ended::Retried => "retried",
+            Ended::Dead => "dead",
+            Ended::Cancelled => "cancelled",
+            Ended::Snoozed => "snoozed",
+            Ended::Released => "released",
+            Ended::Lost => "lost",
+        }
+    }
+}
+
+/// Metric handles by queue and kind, made once: the completer records
+/// thousands of outcomes a second.
+#[derive(Default)]
+struct Meters {
+    by_queue: HashMap<Arc<str>, HashMap<String, KindMeters>>,
+}
+
+struct KindMeters {
+    run: metrics::Histogram,
+    ended: [Option<metrics::Counter>; 7],
+}
+
+impl Meters {
+    fn kind(&mut self, queue: &Arc<str>, kind: &str) -> &mut KindMeters {
+        let kinds = self.by_queue.entry(queue.clone()).or_default();
+        if !kinds.contains_key(kind) {
+            let run = metrics::histogram!(metric::TASK_RUN,
+                "queue" => queue.to_string(), "kind" => kind.to_string());
+            kinds.insert(
+                kind.to_string(),
+                KindMeters {
+                    run,
+                    ended: Default::default(),
+                },
+            );
+        }
+        kinds.get_mut(kind).expect("inserted above")
+    }
+}
+
+/// Count the outcomes just written and close each task's span with its own.
+fn report(meters: &mut Meters, batch: &[Completion], outcomes: &[Ended]) {
+    for (c, &ended) in batch.iter().zip(outcomes) {
+        let m = meters.kind(&c.queue, &c.kind);
+        if !matches!(c.result, Result_::Abandoned | Result_::Released) {
+            m.run.record(c.run.as_secs_f64());
+        }
+        let i = Ended::ALL.iter().position(|e| *e == ended).unwrap_or(0);
+        m.ended[i]
+            .get_or_insert_with(|| {
+                metrics::counter!(metric::TASKS_COMPLETED,
+                    "queue" => c.queue.to_string(), "kind" => c.kind.clone(),
+                    "outcome" => ended.as_str())
+            })
+            .increment(1);
+        let span = &c.span;
+        span.record("herald.task.outcome", ended.as_str());
+        match ended {
+            Ended::Succeeded => {
+                tracing::debug!(parent: span, event = event::TASK_SUCCEEDED, "task succeeded")
+            }
+            Ended::Retried => {
+                span.record("otel.status_code", "ERROR");
+                let retry_in = match &c.result {
+                    Result_::Failed { retry_in, .. } => retry_in.as_secs_f64(),
+                    _ => 0.0,
+                };
+                tracing::debug!(parent: span, event = event::TASK_RETRIED, retry_in, "task will be retried")
+            }
+            Ended::Dead => {
+                span.record("otel.status_code", "ERROR");
+                metrics::counter!(metric::DEAD_LETTERS, "source" => "task").increment(1);
+                tracing::warn!(parent: span, event = event::TASK_DEAD_LETTERED, task = c.id,
+                    queue = &*c.queue, kind = c.kind.as_str(), "task moved to herald.dead_letters")
+            }
+            Ended::Cancelled => {
+                tracing::info!(parent: span, event = event::TASK_CANCELLED, task = c.id, "task cancelled")
+            }
+            Ended::Snoozed => {
+                tracing::debug!(parent: span, event = event::TASK_SNOOZED, "task snoozed")
+            }
+            Ended::Released => {
+                tracing::debug!(parent: span, event = event::TASK_RELEASED, "task released at shutdown")
+            }
+            Ended::Lost => {
+                tracing::debug!(parent: span, event = event::TASK_ABANDONED, "task's lease had passed on; outcome not written")
+            }
+        }
+    }
+}
+
+async fn write_completions(
+    shared: &Shared,
+    batch: &[Completion],
+    outcomes: &mut Vec<Ended>,
+) -> Result<()> {
     use std::sync::atomic::Ordering::Relaxed;
     let client = shared.pool.get().await?;
     let (ids, attempts): (Vec<i64>, Vec<i32>) = batch
@@ -962,12 +1154,14 @@ async fn write_completions(shared: &Shared, batch: &[Completion]) -> Result<()> 
             .execute(&stmt, &[&ids, &attempts, &&*shared.id])
             .await
             .context(format!("completing {} tasks", ids.len()))?;
-        // Fewer rows than ids: those leases had passed to someone else.
+        // Fewer rows than ids: those leases had passed to someone else (or
+        // the handler completed the task itself with `complete_in`).
         shared.stats.succeeded.fetch_add(completed, Relaxed);
     }
     for c in batch {
-        match &c.result {
-            Result_::Done | Result_::Abandoned => {}
+        let ended = match &c.result {
+            Result_::Done => Ended::Succeeded,
+            Result_::Abandoned => Ended::Lost,
             Result_::Failed {
                 error,
                 permanent,
@@ -989,25 +1183,50 @@ async fn write_completions(shared: &Shared, batch: &[Completion]) -> Result<()> 
                     .await
                     .context(format!("recording the failure of task {}", c.id))?;
                 let what: String = row.get(0);
-                tracing::info!(task = c.id, attempt = c.attempt, outcome = %what, %error, "task failed");
+                tracing::info!(parent: &c.span, event = event::TASK_FAILED, task = c.id,
+                    attempt = c.attempt, outcome = %what, %error, "task failed");
+                match what.as_str() {
+                    "retry" => Ended::Retried,
+                    "dead" => Ended::Dead,
+                    "cancelled" => Ended::Cancelled,
+                    _ => Ended::Lost,
+                }
             }
             Result_::Requeue(after) => {
-                client
-                    .query(
-                        REQUEUE,
-                        &[&c.id, &c.attempt, &&*shared.id, &after.as_secs_f64()],
-                    )
-                    .await
-                    .context(format!("requeueing task {}", c.id))?;
+                requeue(&client, shared, c, after.as_secs_f64()).await?;
+                Ended::Snoozed
+            }
+            Result_::Released => {
+                requeue(&client, shared, c, 0.0).await?;
+                Ended::Released
             }
             Result_::Cancelled(reason) => {
-                client
+                let n = client
                     .execute(CANCELLED, &[&c.id, &c.attempt, &&*shared.id, reason])
                     .await
                     .context(format!("cancelling task {}", c.id))?;
+                if n == 1 {
+                    Ended::Cancelled
+                } else {
+                    Ended::Lost
+                }
             }
-        }
+        };
+        outcomes.push(ended);
     }
+    Ok(())
+}
+
+async fn requeue(
+    client: &deadpool_postgres::Object,
+    shared: &Shared,
+    c: &Completion,
+    after_secs: f64,
+) -> Result<()> {
+    client
+        .query(REQUEUE, &[&c.id, &c.attempt, &&*shared.id, &after_secs])
+        .await
+        .context(format!("requeueing task {}", c.id))?;
     Ok(())
 }
 
@@ -1099,7 +1318,12 @@ async fn rescue(shared: Arc<Shared>, stop: CancellationToken) {
                     .stats
                     .rescued
                     .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-                tracing::warn!(tasks = n, "rescued tasks whose lease expired");
+                metrics::counter!(metric::TASK_RESCUED).increment(n as u64);
+                tracing::warn!(
+                    event = event::TASK_RESCUED,
+                    tasks = n,
+                    "rescued tasks whose lease expired"
+                );
             }
             Err(error) => tracing::warn!(%error, "rescuer failed"),
         }

@@ -864,3 +864,97 @@ async fn misfire_policies_after_ten_seconds_without_a_scheduler() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_scheduler_sleeps_until_the_next_tick() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .execute(
+            "SELECT herald.upsert_schedule('yearly', '0 0 1 1 *', 'herald.noop', '{}')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let scheduler = Scheduler::new(&db.config, db.pool());
+    let stats = scheduler.stats();
+    let task = SchedulerTask::start_with(scheduler);
+    wait_for(
+        &db,
+        "SELECT count(*) FROM herald.schedules WHERE next_run_at IS NOT NULL",
+        1,
+        Duration::from_secs(5),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let settled = stats.cycles.load(std::sync::atomic::Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = stats.cycles.load(std::sync::atomic::Ordering::Relaxed) - settled;
+    assert_eq!(idle, 0, "no query while nothing is due and nothing changed");
+    // A change wakes it at once (NOTIFY), without waiting for the poll.
+    client
+        .execute(
+            "SELECT herald.upsert_schedule('soon', '* * * * * *', 'herald.noop', '{}')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(
+        wait_for(
+            &db,
+            "SELECT count(*) FROM herald.tasks",
+            1,
+            Duration::from_secs(3)
+        )
+        .await
+            >= 1
+    );
+    task.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_scheduler_killed_mid_run_costs_no_tick_and_doubles_none() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let first = HeraldProcess::command(&db.config, &["scheduler"], &[]);
+    let second = HeraldProcess::command(&db.config, &["scheduler"], &[]);
+    client
+        .execute(
+            "SELECT herald.upsert_schedule('every-second', '* * * * * *', 'herald.noop', '{}')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(
+        wait_for(
+            &db,
+            "SELECT count(*) FROM herald.tasks",
+            3,
+            Duration::from_secs(10)
+        )
+        .await
+            >= 3
+    );
+    first.kill9().await;
+    let killed_at: DateTime<Utc> = client.query_one("SELECT now()", &[]).await.unwrap().get(0);
+    let sql = format!(
+        "SELECT count(*) FROM herald.tasks WHERE {TICK} > '{}'",
+        killed_at.to_rfc3339()
+    );
+    assert!(wait_for(&db, &sql, 3, Duration::from_secs(10)).await >= 3);
+    assert!(second.terminate().await.success());
+    let ticks: Vec<DateTime<Utc>> = client
+        .query(&format!("SELECT {TICK} FROM herald.tasks ORDER BY 1"), &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for pair in ticks.windows(2) {
+        assert_eq!(
+            pair[1] - pair[0],
+            chrono::Duration::seconds(1),
+            "every tick once, none lost: {ticks:?}"
+        );
+    }
+}
