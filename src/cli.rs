@@ -42,7 +42,7 @@ pub enum Command {
     #[command(after_help = "Example:\n  DATABASE_URL=postgres://app@db/app herald migrate")]
     Migrate,
 
-    /// Run every Herald service in this process: the relay, the workers and the scheduler.
+    /// Run every Herald service in this process: the relay, the workers, the scheduler and the admin server.
     #[command(
         after_help = "Migrates first unless HERALD_MIGRATE_ON_START=false. Workers run the \
 built-in kinds (herald.noop, herald.sleep, herald.fail); applications embed the library to add \

@@ -9,12 +9,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::TestDb;
+use common::{scalar as count, wait_for_count as eventually, TestDb};
 use herald::events::{DeliveryMode, EventType, Publisher};
 use herald::subscriptions::{Applied, Subscription};
 use herald::{Config, Event, Registry, Worker};
 use serde_json::json;
-use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 fn catalog(c: &mut Config) {
@@ -47,25 +46,6 @@ fn catalog(c: &mut Config) {
     c.worker.retry_max = Duration::from_millis(50);
     c.worker.concurrency = 4;
     c.postgres.pool_size = 4;
-}
-
-async fn count(client: &Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.expect(sql).get(0)
-}
-
-async fn eventually(client: &Client, sql: &str, want: i64, what: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let n = count(client, sql).await;
-        if n == want {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: {sql} is {n}, want {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn redis(config: &Config) -> deadpool_redis::Pool {

@@ -11,10 +11,9 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use common::TestDb;
+use common::{wait_for_count as eventually, TestDb};
 use herald::subscriptions::Subscription;
 use herald::{Registry, Worker};
-use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 const SECRET: &str = "s3cret-for-tests";
@@ -60,25 +59,6 @@ async fn hook(
         ("slow", _) => (StatusCode::OK, "ok"),
         ("bad", _) => (StatusCode::BAD_REQUEST, "payload refused"),
         _ => (StatusCode::NOT_FOUND, "no such hook"),
-    }
-}
-
-async fn count(client: &Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.expect(sql).get(0)
-}
-
-async fn eventually(client: &Client, sql: &str, want: i64, what: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let n = count(client, sql).await;
-        if n == want {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{what}: {sql} is {n}, want {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

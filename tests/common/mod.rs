@@ -434,3 +434,24 @@ pub async fn herald_output(config: &Config, args: &[&str]) -> std::process::Outp
         .await
         .unwrap_or_else(|e| panic!("running herald {}: {e}", args.join(" ")))
 }
+
+/// The single bigint `sql` returns.
+pub async fn scalar(client: &tokio_postgres::Client, sql: &str) -> i64 {
+    client.query_one(sql, &[]).await.expect(sql).get(0)
+}
+
+/// Poll `sql` (one bigint) until it equals `want`; fail after 20 s naming `what`.
+pub async fn wait_for_count(client: &tokio_postgres::Client, sql: &str, want: i64, what: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let n = scalar(client, sql).await;
+        if n == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: {sql} is {n}, want {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
