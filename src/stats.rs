@@ -161,6 +161,16 @@ pub struct ScheduleGauge {
     pub has_error: bool,
 }
 
+/// Vacuum health of one table of the `herald` schema (`pg_stat_user_tables`).
+#[derive(Debug, Clone, Serialize)]
+pub struct TableGauge {
+    pub table: String,
+    pub live_tuples: i64,
+    pub dead_tuples: i64,
+    /// Seconds since the last (auto)vacuum; None when never vacuumed.
+    pub since_vacuum_secs: Option<f64>,
+}
+
 /// The figures `/metrics` reads at every scrape. Each is one aggregate
 /// statement over a table that stays small in normal operation (finished
 /// tasks are deleted unless retained, published events leave the outbox).
@@ -170,6 +180,13 @@ pub struct Gauges {
     pub outbox: OutboxBacklog,
     pub dead_letters: Vec<DeadLetterGauge>,
     pub schedules: Vec<ScheduleGauge>,
+    /// Dead and live tuples of the herald tables: queue tables churn, and
+    /// a vacuum held back shows here first.
+    pub tables: Vec<TableGauge>,
+    /// Age in seconds of the oldest open transaction of a client backend
+    /// in the cluster (it holds back vacuum everywhere); None when none is
+    /// open or the role may not see other sessions (grant `pg_monitor`).
+    pub oldest_transaction_secs: Option<f64>,
 }
 
 /// Read [`Gauges`]. Run it in a READ ONLY transaction with a
@@ -252,10 +269,43 @@ pub async fn gauges<C: GenericClient + Sync>(client: &C) -> Result<Gauges> {
             has_error: r.get("has_error"),
         })
         .collect();
+    let tables = client
+        .query(
+            "SELECT relname AS table, n_live_tup AS live, n_dead_tup AS dead,
+                    extract(epoch FROM now() - greatest(last_vacuum, last_autovacuum))::float8
+                        AS since_vacuum_secs
+             FROM pg_stat_user_tables
+             WHERE schemaname = 'herald'
+             ORDER BY relname",
+            &[],
+        )
+        .await
+        .context("reading pg_stat_user_tables")?
+        .iter()
+        .map(|r| TableGauge {
+            table: r.get("table"),
+            live_tuples: r.get("live"),
+            dead_tuples: r.get("dead"),
+            since_vacuum_secs: r.get("since_vacuum_secs"),
+        })
+        .collect();
+    let oldest_transaction_secs = client
+        .query_one(
+            "SELECT extract(epoch FROM max(now() - xact_start))::float8
+             FROM pg_stat_activity
+             WHERE backend_type = 'client backend' AND xact_start IS NOT NULL
+               AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .context("reading pg_stat_activity")?
+        .get(0);
     Ok(Gauges {
         tasks,
         outbox,
         dead_letters,
         schedules,
+        tables,
+        oldest_transaction_secs,
     })
 }

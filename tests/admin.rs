@@ -312,6 +312,10 @@ async fn metrics_report_tasks_outbox_and_dead_letters_from_the_database() {
     let age = expect_sample(&text, "herald_outbox_oldest_unpublished_seconds");
     assert!((89.0..170.0).contains(&age), "oldest unpublished {age}");
     assert!(text.contains("# TYPE herald_tasks gauge"), "{text}");
+    assert!(
+        text.contains("herald_pool_max_size{pool=\"postgres\"}"),
+        "{text}"
+    );
 
     // The relay publishes the events: the backlog drains to zero.
     let relay = db.relay();
@@ -359,8 +363,8 @@ async fn metrics_report_tasks_outbox_and_dead_letters_from_the_database() {
 }
 
 #[tokio::test]
-async fn metrics_report_schedules_and_nodes() {
-    let db = TestDb::with(|c| c.nodes.heartbeat_interval = Duration::from_millis(200)).await;
+async fn metrics_report_schedules_nodes_and_postgres_health() {
+    let db = TestDb::new().await;
     let client = db.client().await;
     let schedule = herald::cron::Schedule::new(
         "nightly",
@@ -381,9 +385,23 @@ async fn metrics_report_schedules_and_nodes() {
         .unwrap();
     let node = Node::new(&db.config, &[Role::Worker, Role::Scheduler]);
     node.heartbeat(&client).await.unwrap();
+    // A session left idle in a transaction for a while.
+    let idle = db.client().await;
+    idle.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
 
     let served = Served::start(&db.config, Readiness::default()).await;
     let text = served.metrics().await;
+    let oldest = expect_sample(&text, "herald_postgres_oldest_transaction_seconds");
+    assert!(oldest >= 1.4, "oldest transaction {oldest}");
+    assert!(
+        sample(&text, "herald_postgres_dead_tuples{table=\"tasks\"}").is_some(),
+        "{text}"
+    );
+    assert!(
+        sample(&text, "herald_postgres_dead_tuples{table=\"outbox\"}").is_some(),
+        "{text}"
+    );
     let next = expect_sample(
         &text,
         "herald_schedule_next_run_seconds{schedule=\"nightly\"}",

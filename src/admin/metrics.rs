@@ -51,6 +51,8 @@ pub async fn metrics(State(state): State<SharedState>) -> Response {
 /// The whole exposition for one scrape.
 pub async fn render(state: &AdminState) -> String {
     let started = Instant::now();
+    // The counters below need the recorder (a no-op when already installed).
+    crate::telemetry::init_metrics();
     let db = async {
         match tokio::time::timeout(DB_BUDGET, read_database(&state.pool)).await {
             Ok(result) => result,
@@ -79,7 +81,10 @@ pub async fn render(state: &AdminState) -> String {
         metrics::counter!(SCRAPE_ERRORS, "source" => "redis").increment(1);
     }
     match &db {
-        Ok(gauges) => write_gauges(&mut out, state, gauges),
+        Ok(gauges) => {
+            write_gauges(&mut out, state, gauges);
+            write_postgres(&mut out, gauges);
+        }
         Err(error) => {
             metrics::counter!(SCRAPE_ERRORS, "source" => "postgres").increment(1);
             tracing::warn!(%error, "/metrics: reading the database figures failed");
@@ -128,6 +133,8 @@ pub async fn render(state: &AdminState) -> String {
         &[],
         started.elapsed().as_secs_f64(),
     );
+    crate::telemetry::record_pool_status("postgres", &state.pool);
+    crate::telemetry::record_redis_pool_status("redis", &state.redis);
     let mut text = out.text;
     text.push_str(&crate::telemetry::render_metrics());
     text
@@ -308,6 +315,53 @@ fn write_gauges(out: &mut Exposition, state: &AdminState, g: &Gauges) {
             f64::from(u8::from(s.has_error)),
         );
     }
+}
+
+fn write_postgres(out: &mut Exposition, g: &Gauges) {
+    out.family(
+        "herald_postgres_dead_tuples",
+        "Dead tuples of a herald table (pg_stat_user_tables.n_dead_tup), by table",
+    );
+    for t in &g.tables {
+        out.sample(
+            "herald_postgres_dead_tuples",
+            &[("table", &t.table)],
+            t.dead_tuples as f64,
+        );
+    }
+    out.family(
+        "herald_postgres_live_tuples",
+        "Live tuples of a herald table (pg_stat_user_tables.n_live_tup), by table",
+    );
+    for t in &g.tables {
+        out.sample(
+            "herald_postgres_live_tuples",
+            &[("table", &t.table)],
+            t.live_tuples as f64,
+        );
+    }
+    out.family(
+        "herald_postgres_seconds_since_vacuum",
+        "Seconds since a herald table was last vacuumed (manual or auto), by table",
+    );
+    for t in &g.tables {
+        if let Some(secs) = t.since_vacuum_secs {
+            out.sample(
+                "herald_postgres_seconds_since_vacuum",
+                &[("table", &t.table)],
+                secs,
+            );
+        }
+    }
+    out.family(
+        "herald_postgres_oldest_transaction_seconds",
+        "Age of the oldest open transaction of any client session in the cluster (0 when none is visible)",
+    );
+    out.sample(
+        "herald_postgres_oldest_transaction_seconds",
+        &[],
+        g.oldest_transaction_secs.unwrap_or(0.0),
+    );
 }
 
 fn write_nodes(out: &mut Exposition, nodes: &[NodeRow]) {

@@ -1,11 +1,12 @@
-//! The admin HTTP server: `/metrics` (Prometheus text), `/healthz`,
-//! `/readyz` and the server-rendered dashboard. It owns the listener, the
-//! bearer-token check and the routes; it reads and repairs through the
-//! library modules (`stats`, `dlq`, `queue`, `cron`) and never writes SQL
-//! of its own for them.
+//! The admin HTTP server: `/metrics` (Prometheus text, [`metrics`]),
+//! `/healthz` and `/readyz` ([`health`]) and the server-rendered dashboard.
+//! It owns the listener, the bearer-token check and the routes; it reads and
+//! repairs through the library modules (`stats`, `nodes`, `migrate`, `dlq`,
+//! `queue`, `cron`) and never writes SQL of its own for them.
 //!
 //! It must never start on a non-loopback address without a token, and never
-//! run an action in read-only mode.
+//! run an action in read-only mode. The token guards every route but the
+//! two probes, which orchestrators call without credentials.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
