@@ -642,8 +642,9 @@ pub async fn list<C: GenericClient + Sync>(client: &C) -> Result<Vec<ScheduleRow
     let rows = client
         .query(
             "SELECT name, cron, tz, queue, kind, payload::text, priority, max_attempts, enabled, \
-                    misfire, next_run_at, last_run_at, last_error, source, created_at, updated_at, \
-                    now() \
+                    misfire, CASE WHEN isfinite(next_run_at) THEN next_run_at END, \
+                    CASE WHEN isfinite(last_run_at) THEN last_run_at END, last_error, source, \
+                    created_at, updated_at, now() \
              FROM herald.schedules ORDER BY name",
             &[],
         )
@@ -829,7 +830,7 @@ pub struct Scheduler {
 
 const CLAIM: &str = "
 SELECT id, name, cron, tz, queue, kind, payload::text, priority, max_attempts, misfire,
-       next_run_at, now()
+       CASE WHEN isfinite(next_run_at) THEN next_run_at END, now()
 FROM herald.schedules
 WHERE enabled
   AND ((next_run_at IS NULL AND last_error IS NULL) OR next_run_at <= now())
@@ -857,7 +858,8 @@ WHERE s.id = u.id";
 /// Seconds from the database's clock to the earliest tick, and whether some
 /// enabled row still waits for its first next_run_at.
 const NEXT_WAKE: &str = "
-SELECT extract(epoch FROM min(next_run_at) - clock_timestamp())::float8,
+SELECT extract(epoch FROM min(next_run_at) FILTER (WHERE isfinite(next_run_at))
+                     - clock_timestamp())::float8,
        bool_or(next_run_at IS NULL AND last_error IS NULL)
 FROM herald.schedules
 WHERE enabled";

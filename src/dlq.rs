@@ -76,13 +76,16 @@ pub struct Filter {
     pub source: Option<String>,
     /// Failed no longer ago than this.
     pub since: Option<Duration>,
+    /// The last error contains this text (case-insensitive).
+    pub error: Option<String>,
 }
 
 // One WHERE clause for listing and replaying, so both select the same rows.
 const MATCHES: &str = "($1::text IS NULL OR queue = $1)
       AND ($2::text IS NULL OR coalesce(kind, topic) = $2)
       AND ($3::text IS NULL OR source = $3)
-      AND ($4::text IS NULL OR failed_at >= now() - $4::text::interval)";
+      AND ($4::text IS NULL OR failed_at >= now() - $4::text::interval)
+      AND ($5::text IS NULL OR strpos(lower(coalesce(last_error, '')), lower($5)) > 0)";
 
 const COLUMNS: &str = "id, source, original_id, event_id, topic, kind, queue, key, payload, \
      headers, attempts, errors, last_error, created_at, failed_at";
@@ -117,7 +120,7 @@ pub async fn list<C: GenericClient + Sync>(
 ) -> Result<Vec<DeadLetter>> {
     filter.validate()?;
     let sql = format!(
-        "SELECT {COLUMNS} FROM herald.dead_letters WHERE {MATCHES} ORDER BY failed_at DESC, id DESC LIMIT $5"
+        "SELECT {COLUMNS} FROM herald.dead_letters WHERE {MATCHES} ORDER BY failed_at DESC, id DESC LIMIT $6"
     );
     let rows = client
         .query(
@@ -127,6 +130,7 @@ pub async fn list<C: GenericClient + Sync>(
                 &filter.kind,
                 &filter.source,
                 &filter.since(),
+                &filter.error,
                 &limit,
             ],
         )
@@ -142,7 +146,13 @@ pub async fn count<C: GenericClient + Sync>(client: &C, filter: &Filter) -> Resu
     let row = client
         .query_one(
             &sql,
-            &[&filter.queue, &filter.kind, &filter.source, &filter.since()],
+            &[
+                &filter.queue,
+                &filter.kind,
+                &filter.source,
+                &filter.since(),
+                &filter.error,
+            ],
         )
         .await
         .context("counting herald.dead_letters")?;
@@ -197,7 +207,7 @@ pub async fn replay_matching<C: GenericClient + Sync>(
     let sql = format!(
         "WITH picked AS (
              SELECT id FROM herald.dead_letters WHERE {MATCHES}
-             ORDER BY id LIMIT $5 FOR UPDATE SKIP LOCKED
+             ORDER BY id LIMIT $6 FOR UPDATE SKIP LOCKED
          )
          SELECT id, herald.replay_dead_letter(id) FROM picked ORDER BY id"
     );
@@ -209,6 +219,7 @@ pub async fn replay_matching<C: GenericClient + Sync>(
                 &filter.kind,
                 &filter.source,
                 &filter.since(),
+                &filter.error,
                 &limit,
             ],
         )

@@ -437,6 +437,30 @@ async fn sql_changes_are_picked_up_without_restart_and_bad_rows_do_not_block_oth
         .await
             >= 1
     );
+    // Hand-written infinities neither stall the scheduler nor fire: -infinity
+    // is recomputed from now, infinity never comes due.
+    client
+        .batch_execute(
+            "UPDATE herald.schedules SET next_run_at = '-infinity' WHERE name = 'changing';
+             UPDATE herald.schedules SET next_run_at = 'infinity' WHERE name = 'fine';",
+        )
+        .await
+        .unwrap();
+    let before = db
+        .count("SELECT count(*) FROM herald.tasks WHERE headers->>'herald_schedule' = 'changing'")
+        .await;
+    assert!(
+        wait_for(
+            &db,
+            "SELECT count(*) FROM herald.tasks WHERE headers->>'herald_schedule' = 'changing'",
+            before + 2,
+            Duration::from_secs(5)
+        )
+        .await
+            >= before + 2
+    );
+    let listed = herald::cron::list(&client).await.unwrap();
+    assert_eq!(listed.len(), 4);
     scheduler.stop().await;
     assert_eq!(
         db.count("SELECT count(*) FROM herald.schedules WHERE last_error IS NOT NULL")

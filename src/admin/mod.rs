@@ -19,6 +19,7 @@ use axum::Router;
 use deadpool_postgres::Pool;
 use tokio_util::sync::CancellationToken;
 
+pub mod dashboard;
 pub mod health;
 pub mod metrics;
 
@@ -36,6 +37,8 @@ pub struct AdminState {
     pub read_only: bool,
     /// When the process started, for `/healthz` and the dashboard.
     pub started_at: chrono::DateTime<chrono::Utc>,
+    /// The dashboard's CSRF key and chart history.
+    pub dashboard: dashboard::Dashboard,
     /// This process's LISTEN connections, for `/readyz`.
     pub readiness: Readiness,
 }
@@ -50,6 +53,7 @@ impl AdminState {
             pool,
             redis,
             started_at: chrono::Utc::now(),
+            dashboard: dashboard::Dashboard::default(),
             readiness: Readiness::default(),
         }
     }
@@ -63,6 +67,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/metrics", axum::routing::get(metrics::metrics))
         .route("/healthz", axum::routing::get(health::healthz))
         .route("/readyz", axum::routing::get(health::readyz))
+        .merge(dashboard::routes())
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state)
 }
@@ -140,6 +145,7 @@ pub async fn serve_on(
         .map_err(|e| Error::Other(format!("admin server: reading the bound address: {e}")))?;
     check_addr(&state.config, addr)?;
     let state = Arc::new(state);
+    dashboard::start_sampler(&state, shutdown.clone());
     tracing::info!(%addr, read_only = state.read_only, "admin server listening");
     axum::serve(listener, router(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })

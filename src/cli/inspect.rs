@@ -58,6 +58,9 @@ pub struct DlqFilterArgs {
     /// Failed within this long (e.g. 1h, 2d).
     #[arg(long, value_parser = super::parse_delay, allow_hyphen_values = true)]
     since: Option<Duration>,
+    /// The last error contains this text (case-insensitive).
+    #[arg(long)]
+    error: Option<String>,
 }
 
 impl DlqFilterArgs {
@@ -67,6 +70,7 @@ impl DlqFilterArgs {
             kind: self.kind,
             source: self.source,
             since: self.since,
+            error: self.error,
         }
     }
 }
