@@ -19,7 +19,7 @@ use crate::pubsub::{Delivery, Subscriber};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Workloads: O1, O2, O3, or all.
+    /// Workloads: O1, O2, O3, Q1, Q1b, Q2, Q3, C1, or all.
     #[arg(required = true)]
     pub workloads: Vec<String>,
     /// Runs per workload; the median is reported with min–max.
