@@ -112,16 +112,25 @@ pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,refinery_core=warn"));
     type Base = tracing_subscriber::layer::Layered<EnvFilter, tracing_subscriber::Registry>;
+    // Herald's own spans (one per task attempt, per relay batch, per
+    // scheduler claim) are for trace backends: the log lines carry their own
+    // ids, and formatting span fields for the logs would cost about a
+    // microsecond per task.
+    let not_herald_span = tracing_subscriber::filter::filter_fn(|meta| {
+        !(meta.is_span() && meta.name().starts_with("herald."))
+    });
     let fmt: Box<dyn Layer<Base> + Send + Sync> = match format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .with_writer(std::io::stderr)
             .with_target(false)
+            .with_filter(not_herald_span)
             .boxed(),
         LogFormat::Pretty => tracing_subscriber::fmt::layer()
             .compact()
             .with_writer(std::io::stderr)
             .with_target(false)
+            .with_filter(not_herald_span)
             .boxed(),
     };
     let (otel, otel_error) = if otlp_configured() {
