@@ -871,3 +871,133 @@ async fn screenshots() {
     }
     browser.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_charts_follow_the_traffic() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    for i in 0..30 {
+        let task = Task::new("herald.noop", &serde_json::json!({ "i": i })).unwrap();
+        herald::queue::enqueue(&client, &task).await.unwrap();
+    }
+    client
+        .execute("SELECT herald.publish('chart.test', '{}'::jsonb)", &[])
+        .await
+        .unwrap();
+    // Sampling starts with the 30 tasks waiting.
+    let server = Server::with_sampling(&db, false, Duration::from_millis(300)).await;
+    let history = server.state.dashboard.history.clone();
+    wait_for("a first sample", Duration::from_secs(10), async || {
+        !history.samples().is_empty()
+    })
+    .await;
+    assert_eq!(history.samples()[0].open_tasks, 30);
+    let mut config = db.config.clone();
+    config.worker.poll_interval = Duration::from_millis(200);
+    let stop = CancellationToken::new();
+    let worker = tokio::spawn(Worker::new(&config, db.pool(), Registry::new()).run(stop.clone()));
+    wait_for(
+        "a sample with no open task",
+        Duration::from_secs(20),
+        async || history.samples().last().is_some_and(|s| s.open_tasks == 0),
+    )
+    .await;
+    stop.cancel();
+    worker.await.unwrap().unwrap();
+    wait_for("four samples", Duration::from_secs(10), async || {
+        history.samples().len() >= 4
+    })
+    .await;
+    let samples = history.samples();
+    let last = samples.last().unwrap();
+    assert_eq!(
+        last.task_ids, 30,
+        "the task id sequence counts every enqueue"
+    );
+    assert_eq!(last.unpublished, 1, "nobody relays the event");
+    assert!(last.relay_lag_secs > 0.0);
+    // The finished/s line integrates to the 30 tasks done.
+    let charted: f64 = history
+        .rates()
+        .finished
+        .iter()
+        .zip(samples.windows(2))
+        .map(|(rate, w)| rate.1 * (w[1].at - w[0].at).num_milliseconds() as f64 / 1000.0)
+        .sum();
+    assert!(
+        (charted - 30.0).abs() < 0.01,
+        "finished/s integrates to {charted}, not 30"
+    );
+
+    let html = http()
+        .get(&server.url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let polylines: Vec<&str> = html
+        .match_indices("<polyline points=\"")
+        .map(|(i, m)| {
+            let rest = &html[i + m.len()..];
+            &rest[..rest.find('"').unwrap()]
+        })
+        .collect();
+    assert_eq!(polylines.len(), 5, "three throughput and two latency lines");
+    assert!(
+        polylines.iter().all(|p| p.split(' ').count() >= 2),
+        "{polylines:?}"
+    );
+    assert!(!html.contains("collecting samples"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_token_guards_the_dashboard_and_its_actions() {
+    let db = TestDb::with(|c| c.admin.token = Some("s3cret".into())).await;
+    add_schedule(&db, "guarded", "0 0 * * * *", "UTC").await;
+    let server = Server::start(&db, false).await;
+    let http = http();
+    for path in ["/", "/queues", "/dead-letters", "/schedules"] {
+        let resp = http
+            .get(format!("{}{path}", server.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401, "GET {path} without the token");
+        let resp = http
+            .get(format!("{}{path}", server.url))
+            .bearer_auth("s3cret")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "GET {path} with the token");
+    }
+    let token = server.state.dashboard.csrf.token("pause");
+    let url = format!("{}/schedules/guarded/pause", server.url);
+    let resp = http
+        .post(&url)
+        .form(&[("csrf", &token)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    assert_eq!(
+        db.count("SELECT count(*) FROM herald.schedules WHERE enabled")
+            .await,
+        1
+    );
+    let resp = http
+        .post(&url)
+        .bearer_auth("s3cret")
+        .form(&[("csrf", &token)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 303);
+    assert_eq!(
+        db.count("SELECT count(*) FROM herald.schedules WHERE enabled")
+            .await,
+        0
+    );
+}
