@@ -347,6 +347,15 @@ async fn every_page_loads_with_its_figures() {
     assert!(body_text(&browser.client)
         .await
         .contains("No dead letters match."));
+    // The error filter matches part of the last error, in any case.
+    browser
+        .client
+        .goto(&format!("{}/dead-letters?error=MAILBOX", server.url))
+        .await
+        .unwrap();
+    assert!(body_text(&browser.client)
+        .await
+        .contains("1 dead letters match"));
     browser.close().await;
 }
 
@@ -383,7 +392,7 @@ async fn replaying_a_dead_letter_by_clicking_puts_a_task_back() {
         .await
         .unwrap();
     assert!(
-        flash.contains(&format!("Dead letter {} replayed", dead[0])),
+        flash.contains(&format!("Dead letter {} replayed as task", dead[0])),
         "{flash}"
     );
     assert!(c.current_url().await.unwrap().path() == "/dead-letters");

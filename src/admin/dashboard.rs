@@ -993,11 +993,16 @@ async fn replay_one(
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };
+    // The source says what the new id names: a task or an outbox row.
+    let what = match dlq::get(&**client, id).await {
+        Ok(Some(d)) if d.source == "outbox" => "outbox event",
+        _ => "task",
+    };
     let result = dlq::replay(&**client, id).await;
     outcome(
         &back,
         result
-            .map(|new| format!("Dead letter {id} replayed as {new}."))
+            .map(|new| format!("Dead letter {id} replayed as {what} {new}."))
             .map_err(|e| e.to_string()),
     )
 }
