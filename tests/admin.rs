@@ -180,6 +180,36 @@ async fn readyz_names_redis_when_it_is_down() {
         .await;
 }
 
+/// A binary newer than the schema (its newest migration not applied) is
+/// not ready, and says what to run.
+#[tokio::test]
+async fn readyz_says_when_migrations_are_missing() {
+    let db = TestDb::new().await;
+    let latest = herald::migrate::latest_version();
+    db.client()
+        .await
+        .execute(
+            "DELETE FROM herald.schema_history WHERE version = $1",
+            &[&latest],
+        )
+        .await
+        .unwrap();
+    let served = Served::start(&db.config, Readiness::default()).await;
+    let (status, body) = served.json("/readyz").await;
+    assert_eq!(status, 503, "{body:#}");
+    let migrations = &body["checks"]["migrations"];
+    assert_eq!(migrations["ok"], false, "{body:#}");
+    assert_eq!(migrations["schema_version"], latest - 1);
+    assert_eq!(migrations["expected"], latest);
+    assert!(
+        migrations["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("herald migrate")),
+        "{body:#}"
+    );
+    assert_eq!(body["checks"]["postgres"]["ok"], true, "{body:#}");
+}
+
 /// A LISTEN connection that cannot come back (the database refuses new
 /// connections) makes the process unready, naming the listener.
 #[tokio::test]
