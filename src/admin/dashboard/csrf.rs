@@ -54,7 +54,8 @@ impl Csrf {
 
 /// Refuse a request that says it comes from another site: `Sec-Fetch-Site`
 /// other than `same-origin` (or `none`, a request the user typed), or an
-/// `Origin` whose host is not the `Host` the request was sent to. Requests
+/// `Origin` whose host is neither the `Host` the request was sent to nor the
+/// `X-Forwarded-Host` a reverse proxy set. Requests
 /// without either header (curl, old browsers) are left to the token.
 pub fn check_origin(headers: &HeaderMap) -> Result<(), String> {
     if let Some(site) = headers.get("sec-fetch-site") {
@@ -75,7 +76,17 @@ pub fn check_origin(headers: &HeaderMap) -> Result<(), String> {
             .strip_prefix("http://")
             .or_else(|| origin.strip_prefix("https://"))
             .unwrap_or("");
-        if host.is_empty() || origin_host != host {
+        // Behind a reverse proxy that rewrites Host, the browser's host is
+        // in X-Forwarded-Host (a header a cross-site form cannot set).
+        let forwarded = headers
+            .get("x-forwarded-host")
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.split(',').next())
+            .map(str::trim)
+            .unwrap_or("");
+        let matches = !origin_host.is_empty()
+            && (origin_host == host || (!forwarded.is_empty() && origin_host == forwarded));
+        if !matches {
             return Err(format!(
                 "cross-origin request refused (Origin {origin:?}, Host {host:?})"
             ));
@@ -118,6 +129,18 @@ mod tests {
         assert!(check_origin(&h).is_err());
         h.insert(header::ORIGIN, HeaderValue::from_static("null"));
         assert!(check_origin(&h).is_err());
+        // Behind a proxy that rewrote Host.
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://herald.example.com"),
+        );
+        assert!(check_origin(&h).is_err());
+        h.insert(
+            "x-forwarded-host",
+            HeaderValue::from_static("herald.example.com"),
+        );
+        assert!(check_origin(&h).is_ok());
+        h.remove("x-forwarded-host");
         h.remove(header::ORIGIN);
         h.insert("sec-fetch-site", HeaderValue::from_static("cross-site"));
         assert!(check_origin(&h).is_err());
