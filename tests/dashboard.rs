@@ -307,6 +307,10 @@ async fn every_page_loads_with_its_figures() {
             .unwrap()
             .starts_with("text/html"));
     }
+    let resp = http.get(&server.url).send().await.unwrap();
+    let csp = resp.headers()["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+    assert_eq!(resp.headers()["x-frame-options"], "DENY");
     let resp = http
         .get(format!("{}/dead-letters/999999", server.url))
         .send()
