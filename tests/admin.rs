@@ -469,6 +469,10 @@ async fn metrics_answer_when_postgres_is_down() {
         ) >= 1.0,
         "{text}"
     );
+    assert!(
+        text.contains("# HELP herald_admin_scrape_errors_total"),
+        "{text}"
+    );
     assert!(!text.contains("herald_tasks{"), "{text}");
     assert!(text.contains("herald_build_info{version="), "{text}");
 

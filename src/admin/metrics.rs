@@ -53,6 +53,13 @@ pub async fn render(state: &AdminState) -> String {
     let started = Instant::now();
     // The counters below need the recorder (a no-op when already installed).
     crate::telemetry::init_metrics();
+    static DESCRIBED: std::sync::Once = std::sync::Once::new();
+    DESCRIBED.call_once(|| {
+        metrics::describe_counter!(
+            SCRAPE_ERRORS,
+            "Scrapes of /metrics whose database or Redis part failed, by source"
+        )
+    });
     let db = async {
         match tokio::time::timeout(DB_BUDGET, read_database(&state.pool)).await {
             Ok(result) => result,
