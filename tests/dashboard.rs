@@ -818,6 +818,8 @@ async fn screenshots() {
     let mut config = db.config.clone();
     config.worker.queues = vec!["default".into(), "emails".into(), "reports".into()];
     config.worker.concurrency = 4;
+    // Keep finished tasks, so the queues table has succeeded counts.
+    config.worker.retain_completed = Some(Duration::from_secs(3600));
     config.worker.poll_interval = Duration::from_millis(200);
     let stop = CancellationToken::new();
     let worker = tokio::spawn(Worker::new(&config, db.pool(), Registry::new()).run(stop.clone()));
@@ -950,10 +952,11 @@ async fn the_charts_follow_the_traffic() {
         .text()
         .await
         .unwrap();
-    let polylines: Vec<&str> = html
+    let charts = &html[..html.find("<h2>Queues").unwrap()];
+    let polylines: Vec<&str> = charts
         .match_indices("<polyline points=\"")
         .map(|(i, m)| {
-            let rest = &html[i + m.len()..];
+            let rest = &charts[i + m.len()..];
             &rest[..rest.find('"').unwrap()]
         })
         .collect();
@@ -963,6 +966,8 @@ async fn the_charts_follow_the_traffic() {
         "{polylines:?}"
     );
     assert!(!html.contains("collecting samples"));
+    // The default queue's backlog sparkline in the queues table.
+    assert!(html.contains("ready and running tasks in default"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -235,7 +235,7 @@ a { color:var(--accent); }
 figure.chart { margin:0; background:var(--card); border:1px solid var(--line); border-radius:8px; padding:10px 12px; }
 figure.chart figcaption { font-weight:600; margin-bottom:4px; }
 figure.chart svg { width:100%; height:auto; display:block; }
-svg .grid { stroke:#eef1f4; } svg .axis { stroke:#9aa5b1; } svg .tick { fill:var(--muted); font-size:10px; }
+svg.spark { display:block; } svg .grid { stroke:#eef1f4; } svg .axis { stroke:#9aa5b1; } svg .tick { fill:var(--muted); font-size:10px; }
 ul.legend { list-style:none; padding:0; margin:4px 0 0; display:flex; gap:16px; font-size:12px; }
 .swatch { display:inline-block; width:10px; height:10px; border-radius:2px; margin-right:5px; vertical-align:-1px; }
 table { border-collapse:collapse; width:100%; background:var(--card); border:1px solid var(--line); border-radius:8px; overflow:hidden; }
@@ -410,7 +410,33 @@ fn fold_queues(stats: &[stats::QueueStat]) -> Vec<QueueRow> {
     rows
 }
 
-fn queues_table(rows: &[QueueRow], dead: &[stats::DeadLetterGroup]) -> Markup {
+fn queues_table(
+    rows: &[QueueRow],
+    dead: &[stats::DeadLetterGroup],
+    history: &charts::History,
+) -> Markup {
+    // Queues that are empty now but had tasks in the charts' window or have
+    // dead letters still get a row.
+    let mut rows: Vec<&QueueRow> = rows.iter().collect();
+    let mut idle: Vec<QueueRow> = Vec::new();
+    let seen = history
+        .samples()
+        .into_iter()
+        .flat_map(|s| s.open_by_queue.into_iter().map(|(q, _)| q));
+    let dead_queues = dead
+        .iter()
+        .filter(|d| d.source == "task" && !d.queue.is_empty())
+        .map(|d| d.queue.clone());
+    for queue in seen.chain(dead_queues) {
+        if !rows.iter().any(|r| r.queue == queue) && !idle.iter().any(|r| r.queue == queue) {
+            idle.push(QueueRow {
+                queue,
+                ..QueueRow::default()
+            });
+        }
+    }
+    rows.extend(idle.iter());
+    rows.sort_by(|a, b| a.queue.cmp(&b.queue));
     html! {
         @if rows.is_empty() {
             p.empty { "No tasks in any queue." }
@@ -419,10 +445,10 @@ fn queues_table(rows: &[QueueRow], dead: &[stats::DeadLetterGroup]) -> Markup {
                 thead { tr {
                     th { "Queue" } th.num { "Ready" } th.num { "Scheduled" } th.num { "Running" }
                     th.num { "Succeeded" } th.num { "Cancelled" } th.num { "Expired leases" }
-                    th.num { "Failed attempts (1 h)" } th.num { "Dead letters" } th.num { "Oldest ready" }
+                    th.num { "Failed attempts (1 h)" } th.num { "Dead letters" } th.num { "Oldest ready" } th { "Backlog" }
                 } }
                 tbody {
-                    @for r in rows {
+                    @for r in &rows {
                         @let dl: i64 = dead.iter().filter(|d| d.source == "task" && d.queue == r.queue).map(|d| d.count).sum();
                         tr {
                             td { a href={ "/queues?queue=" (encode(&r.queue)) } { (r.queue) } }
@@ -434,6 +460,7 @@ fn queues_table(rows: &[QueueRow], dead: &[stats::DeadLetterGroup]) -> Markup {
                                 @if dl > 0 { a.err href={ "/dead-letters?queue=" (encode(&r.queue)) } { (dl) } } @else { "0" }
                             }
                             td.num { (r.oldest_ready_secs.map(age).unwrap_or_else(|| "—".into())) }
+                            td { (charts::sparkline(&history.backlog(&r.queue), &format!("ready and running tasks in {} over the charts' window", r.queue))) }
                         }
                     }
                 }
@@ -480,7 +507,7 @@ async fn overview(State(state): State<SharedState>, Query(flash): Query<Flash>) 
                ]))
            }
            h2 { "Queues" }
-           (queues_table(&rows, &snap.dead_letters))
+           (queues_table(&rows, &snap.dead_letters, &state.dashboard.history))
            h2 { "Dead letters by error" }
            @if snap.dead_letters.is_empty() {
                p.empty { "No dead letters." }
@@ -574,7 +601,7 @@ async fn queues(
     );
     let body = html! {
         h1 { "Queues" }
-        (queues_table(&rows, &snap.dead_letters))
+        (queues_table(&rows, &snap.dead_letters, &state.dashboard.history))
         h2 { "Tasks" }
         form.filters method="get" action="/queues" {
             label { "Queue" input type="text" name="queue" value=[some(&q.queue)]; }

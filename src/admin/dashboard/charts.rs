@@ -36,6 +36,8 @@ pub struct Sample {
     pub at: DateTime<Utc>,
     pub task_ids: i64,
     pub open_tasks: i64,
+    /// Per queue: ready + running tasks.
+    pub open_by_queue: Vec<(String, i64)>,
     pub outbox_ids: i64,
     pub unpublished: i64,
     pub dead_letters: i64,
@@ -94,6 +96,17 @@ impl History {
             .filter(|q| q.state == "ready" || q.state == "running")
             .map(|q| q.count)
             .sum();
+        let mut open_by_queue: Vec<(String, i64)> = Vec::new();
+        for q in snapshot
+            .queues
+            .iter()
+            .filter(|q| q.state == "ready" || q.state == "running")
+        {
+            match open_by_queue.iter_mut().find(|(name, _)| *name == q.queue) {
+                Some((_, n)) => *n += q.count,
+                None => open_by_queue.push((q.queue.clone(), q.count)),
+            }
+        }
         let oldest_ready_secs = snapshot
             .queues
             .iter()
@@ -103,6 +116,7 @@ impl History {
             at: snapshot.taken_at,
             task_ids: row.get(0),
             open_tasks,
+            open_by_queue,
             outbox_ids: row.get(1),
             unpublished: snapshot.outbox.unpublished,
             dead_letters,
@@ -152,6 +166,51 @@ impl History {
             rates.relay_lag.push((s.at, s.relay_lag_secs));
         }
         rates
+    }
+}
+
+impl History {
+    /// One queue's open (ready + running) tasks at every sample; 0 where
+    /// the queue had none.
+    pub fn backlog(&self, queue: &str) -> Vec<(DateTime<Utc>, f64)> {
+        self.samples()
+            .iter()
+            .map(|s| {
+                let n = s
+                    .open_by_queue
+                    .iter()
+                    .find(|(q, _)| q == queue)
+                    .map_or(0, |(_, n)| *n);
+                (s.at, n as f64)
+            })
+            .collect()
+    }
+}
+
+/// A tiny line without axes for a table cell, scaled to its own maximum.
+pub fn sparkline(points: &[(DateTime<Utc>, f64)], label: &str) -> Markup {
+    const SW: f64 = 120.0;
+    const SH: f64 = 22.0;
+    if points.len() < 2 {
+        return html! { span.muted { "—" } };
+    }
+    let (t0, t1) = (points[0].0, points[points.len() - 1].0);
+    let span = ((t1 - t0).num_milliseconds() as f64).max(1.0);
+    let max = points.iter().map(|(_, v)| *v).fold(0.0, f64::max).max(1.0);
+    let line = points
+        .iter()
+        .map(|(t, v)| {
+            let x = SW * (t.signed_duration_since(t0).num_milliseconds() as f64) / span;
+            let y = 1.0 + (SH - 2.0) * (1.0 - v / max);
+            format!("{x:.1},{y:.1}")
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    html! {
+        svg.spark width=(SW) height=(SH) viewBox={ "0 0 " (SW) " " (SH) } role="img" aria-label=(label) {
+            title { (label) }
+            polyline points=(line) fill="none" stroke="#2563eb" stroke-width="1.5" {}
+        }
     }
 }
 
@@ -321,6 +380,7 @@ mod tests {
             at: DateTime::from_timestamp(secs, 0).unwrap(),
             task_ids,
             open_tasks,
+            open_by_queue: Vec::new(),
             outbox_ids: 0,
             unpublished: 0,
             dead_letters: 0,
