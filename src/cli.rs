@@ -62,6 +62,10 @@ then hand the rest back to the queue.\n\nExample:\n  herald worker --queues defa
         /// Tasks run at once per queue.
         #[arg(long)]
         concurrency: Option<usize>,
+        /// Also serve the admin server on admin.bind: /metrics (this
+        /// process's counters), /healthz, /readyz and the dashboard.
+        #[arg(long)]
+        admin: bool,
     },
 
     /// Enqueue one task (in its own transaction); prints its id.
@@ -97,7 +101,12 @@ then hand the rest back to the queue.\n\nExample:\n  herald worker --queues defa
         after_help = "Run as many relays as you like; partitions are shared between them.\n\n\
 Example:\n  HERALD_RELAY_BATCH_SIZE=500 herald relay"
     )]
-    Relay,
+    Relay {
+        /// Also serve the admin server on admin.bind: /metrics (this
+        /// process's counters), /healthz, /readyz and the dashboard.
+        #[arg(long)]
+        admin: bool,
+    },
 
     /// Serve the admin HTTP server alone: /metrics, /healthz, /readyz and
     /// the dashboard (`herald run` serves it too).
@@ -159,7 +168,12 @@ herald.dead_letter_summary.\n\nExample:\n  herald stats --watch 2s")]
         after_help = "Syncs [[schedules]] from the configuration, then fires due schedules. Run \
 as many as you like: each tick fires once across all of them.\n\nExample:\n  herald --config herald.toml scheduler"
     )]
-    Scheduler,
+    Scheduler {
+        /// Also serve the admin server on admin.bind: /metrics (this
+        /// process's counters), /healthz, /readyz and the dashboard.
+        #[arg(long)]
+        admin: bool,
+    },
 
     /// List, add, remove, pause, resume and trigger cron schedules.
     #[command(subcommand)]
@@ -200,7 +214,7 @@ pub async fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Relay => run_services(&config, true, false).await?,
+        Command::Relay { admin } => run_services(&config, true, false, admin).await?,
         Command::Run => {
             let services = Services {
                 relay: true,
@@ -217,9 +231,10 @@ pub async fn main() -> anyhow::Result<()> {
             };
             run(&config, services).await?
         }
-        Command::Scheduler => {
+        Command::Scheduler { admin } => {
             let services = Services {
                 scheduler: true,
+                admin,
                 ..Services::default()
             };
             run(&config, services).await?
@@ -228,6 +243,7 @@ pub async fn main() -> anyhow::Result<()> {
         Command::Worker {
             queues,
             concurrency,
+            admin,
         } => {
             let mut config = config;
             if let Some(n) = concurrency {
@@ -240,7 +256,7 @@ pub async fn main() -> anyhow::Result<()> {
                 config.worker.queues = q;
             }
             config.validate()?;
-            run_services(&config, false, true).await?
+            run_services(&config, false, true, admin).await?
         }
         Command::Enqueue {
             kind,
@@ -364,11 +380,18 @@ fn parse_delay(s: &str) -> Result<std::time::Duration, String> {
         .map_err(|e| format!("{s:?}: {e} (expected e.g. 250ms, 30s, 5m, 2h)"))
 }
 
-/// The relay and/or the workers in this process, until SIGTERM/SIGINT.
-async fn run_services(config: &Config, relay: bool, workers: bool) -> anyhow::Result<()> {
+/// The relay and/or the workers (and the admin server) in this process,
+/// until SIGTERM/SIGINT.
+async fn run_services(
+    config: &Config,
+    relay: bool,
+    workers: bool,
+    admin: bool,
+) -> anyhow::Result<()> {
     let services = Services {
         relay,
         workers,
+        admin,
         ..Services::default()
     };
     run(config, services).await

@@ -745,3 +745,66 @@ async fn herald_run_serves_readyz_and_metrics() {
     }
     assert!(child.terminate().await.success());
 }
+
+/// `herald worker --admin` serves the probes and its own metrics, so a
+/// worker-only deployment can be probed and scraped.
+#[tokio::test]
+async fn herald_worker_with_admin_serves_its_probes() {
+    let db = TestDb::new().await;
+    let bind = format!("127.0.0.1:{}", common::free_port());
+    let child = HeraldProcess::command(
+        &db.config,
+        &["worker", "--admin"],
+        &[("HERALD_ADMIN_BIND", bind.as_str())],
+    );
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body: Value = loop {
+        if let Ok(response) = http.get(format!("http://{bind}/readyz")).send().await {
+            if response.status().as_u16() == 200 {
+                break serde_json::from_str(&response.text().await.unwrap()).unwrap();
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "herald worker --admin did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        body["checks"]["listen"]["connections"],
+        serde_json::json!({"worker": true}),
+        "{body:#}"
+    );
+    let client = db.client().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let roles: Vec<String> = loop {
+        let row = client
+            .query_opt(
+                "SELECT roles FROM herald.nodes WHERE pid = $1",
+                &[&(child.pid() as i32)],
+            )
+            .await
+            .unwrap();
+        if let Some(row) = row {
+            break row.get(0);
+        }
+        assert!(Instant::now() < deadline, "the worker did not register");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(roles, vec!["worker", "admin"]);
+    let text = http
+        .get(format!("http://{bind}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        sample(&text, "herald_listen_up{listener=\"worker\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(child.terminate().await.success());
+}
