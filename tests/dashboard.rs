@@ -629,11 +629,19 @@ async fn read_only_mode_shows_no_actions_and_refuses_posts() {
     let db = TestDb::new().await;
     let dead = make_dead_letters(&db, "ro", &["boom"]).await;
     add_schedule(&db, "ro-schedule", "0 0 * * * *", "UTC").await;
+    let task = herald::queue::enqueue(
+        &db.client().await,
+        &Task::new("herald.noop", &serde_json::json!({})).unwrap(),
+    )
+    .await
+    .unwrap();
     let server = Server::start(&db, true).await;
     let browser = Browser::start().await;
     let c = &browser.client;
     for path in [
         "/".to_string(),
+        "/queues".into(),
+        format!("/tasks/{task}"),
         "/dead-letters".into(),
         format!("/dead-letters/{}", dead[0]),
         "/schedules".into(),
@@ -647,7 +655,7 @@ async fn read_only_mode_shows_no_actions_and_refuses_posts() {
             "{path} has no action forms in read-only mode"
         );
         let buttons = c
-            .find_all(Locator::XPath("//button[normalize-space()='Replay' or normalize-space()='Pause' or normalize-space()='Trigger now']"))
+            .find_all(Locator::XPath("//button[normalize-space()='Replay' or normalize-space()='Pause' or normalize-space()='Trigger now' or starts-with(normalize-space(), 'Cancel')]"))
             .await
             .unwrap();
         assert!(buttons.is_empty(), "{path} has no action buttons");
@@ -661,6 +669,7 @@ async fn read_only_mode_shows_no_actions_and_refuses_posts() {
         (format!("/dead-letters/{}/replay", dead[0]), "replay"),
         ("/schedules/ro-schedule/pause".to_string(), "pause"),
         ("/dead-letters/purge".to_string(), "purge"),
+        (format!("/tasks/{task}/cancel"), "cancel"),
     ] {
         let resp = http
             .post(format!("{}{path}", server.url))
@@ -677,6 +686,11 @@ async fn read_only_mode_shows_no_actions_and_refuses_posts() {
     );
     assert_eq!(
         db.count("SELECT count(*) FROM herald.schedules WHERE enabled")
+            .await,
+        1
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM herald.tasks WHERE state = 'ready'")
             .await,
         1
     );
@@ -1018,4 +1032,52 @@ async fn the_bearer_token_guards_the_dashboard_and_its_actions() {
             .await,
         0
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_task_by_clicking() {
+    let db = TestDb::new().await;
+    let later = Task::new("report.build", &serde_json::json!({}))
+        .unwrap()
+        .queue("reports")
+        .delay(Duration::from_secs(3600));
+    let id = herald::queue::enqueue(&db.client().await, &later)
+        .await
+        .unwrap();
+    let server = Server::start(&db, false).await;
+    let browser = Browser::start().await;
+    let c = &browser.client;
+    c.goto(&format!("{}/queues?queue=reports", server.url))
+        .await
+        .unwrap();
+    c.find(Locator::LinkText(&id.to_string()))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    c.find(Locator::XPath("//button[normalize-space()='Cancel task']"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let flash = c
+        .wait()
+        .for_element(Locator::Css("p.flash"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(flash, format!("Task {id}: cancelled."));
+    let state: String = db
+        .client()
+        .await
+        .query_one("SELECT state FROM herald.tasks WHERE id = $1", &[&id])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(state, "cancelled");
+    browser.close().await;
 }
