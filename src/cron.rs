@@ -1018,6 +1018,17 @@ impl Scheduler {
                 .context("ending an empty schedule claim")?;
             return Ok(0);
         }
+        let span = tracing::info_span!(
+            "herald.schedule.fire",
+            otel.kind = "producer",
+            herald.schedule.count = rows.len() as i64,
+            herald.schedule.fired = tracing::field::Empty,
+        );
+        // The fired tasks continue this span's trace.
+        let traceparent = crate::telemetry::traceparent_of(&span);
+        // (schedule, tick, lateness in seconds), recorded once committed.
+        let mut fired: Vec<(String, DateTime<Utc>, f64)> = Vec::new();
+        let mut misfired: Vec<(String, u64)> = Vec::new();
         let mut t_queue: Vec<String> = Vec::new();
         let mut t_kind: Vec<String> = Vec::new();
         let mut t_payload: Vec<String> = Vec::new();
@@ -1051,7 +1062,11 @@ impl Scheduler {
                 tracing::error!(schedule = %name, %error, "schedule cannot fire; marked with last_error and skipped until it changes");
             }
             if plan.dropped > 0 || plan.fires.iter().any(|f| f.backfilled || f.misfire_once) {
+                misfired.push((name.clone(), plan.dropped as u64));
                 tracing::warn!(
+                    parent: &span,
+                    event = crate::telemetry::names::event::SCHEDULE_MISFIRED,
+                    dropped = plan.dropped as u64,
                     schedule = %name,
                     policy = %misfire_text,
                     fired = plan.fires.len(),
@@ -1062,6 +1077,17 @@ impl Scheduler {
             let tz_parsed = parse_tz(&tz).ok();
             for fire in &plan.fires {
                 let mut headers = Map::new();
+                fired.push((
+                    name.clone(),
+                    fire.tick,
+                    (now - fire.tick).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6,
+                ));
+                if let Some(tp) = &traceparent {
+                    headers.insert(
+                        crate::outbox::headers::TRACEPARENT.into(),
+                        Value::from(tp.as_str()),
+                    );
+                }
                 headers.insert("herald_schedule".into(), Value::from(name.as_str()));
                 headers.insert("herald_tick".into(), Value::from(rfc3339(fire.tick)));
                 if let Some(zone) = tz_parsed {
@@ -1125,6 +1151,25 @@ impl Scheduler {
         self.stats.fired.fetch_add(inserted, Ordering::Relaxed);
         self.stats.claims.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(schedules = rows.len(), tasks = inserted, "schedules fired");
+        span.record("herald.schedule.fired", inserted as i64);
+        {
+            use crate::telemetry::names::{event, metric};
+            for (schedule, tick, lateness) in fired {
+                tracing::debug!(parent: &span, event = event::SCHEDULE_FIRED,
+                    schedule = schedule.as_str(), tick = %rfc3339(tick), lateness,
+                    "schedule fired");
+                metrics::counter!(metric::SCHEDULE_FIRED, "schedule" => schedule.clone())
+                    .increment(1);
+                metrics::histogram!(metric::SCHEDULE_LATENESS, "schedule" => schedule)
+                    .record(lateness.max(0.0));
+            }
+            for (schedule, dropped) in misfired {
+                if dropped > 0 {
+                    metrics::counter!(metric::SCHEDULE_MISFIRED, "schedule" => schedule)
+                        .increment(dropped);
+                }
+            }
+        }
         Ok(rows.len())
     }
 }
@@ -1163,7 +1208,12 @@ async fn listen(
         match outcome {
             Ok(reason) => {
                 backoff.reset();
-                tracing::warn!(%reason, "scheduler LISTEN connection lost; reconnecting");
+                tracing::warn!(
+                    event = crate::telemetry::names::event::POSTGRES_CONNECTION_LOST,
+                    component = "scheduler",
+                    %reason,
+                    "scheduler LISTEN connection lost; reconnecting"
+                );
             }
             Err(error) => tracing::warn!(%error, "scheduler LISTEN connection failed"),
         }
@@ -1202,7 +1252,9 @@ async fn listen_once(
         .batch_execute(&format!("LISTEN {CHANNEL}"))
         .await
         .context("LISTEN herald_schedules")?;
-    stats.listen_connects.fetch_add(1, Ordering::Relaxed);
+    if stats.listen_connects.fetch_add(1, Ordering::Relaxed) > 0 {
+        crate::telemetry::reconnected("postgres", "scheduler");
+    }
     stats.listening.store(true, Ordering::Relaxed);
     // Look again now that changes cannot go unnoticed.
     wake.send_modify(|g| *g += 1);

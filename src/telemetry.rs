@@ -53,6 +53,28 @@ pub mod names {
         pub const POOL_SIZE: &str = "herald_pool_size";
         pub const POOL_AVAILABLE: &str = "herald_pool_available";
         pub const POOL_WAITING: &str = "herald_pool_waiting";
+
+        /// Every name above.
+        pub const ALL: &[&str] = &[
+            TASKS_ENQUEUED,
+            TASKS_COMPLETED,
+            TASK_RESCUED,
+            TASK_PICKUP,
+            TASK_RUN,
+            RELAY_PUBLISHED,
+            RELAY_BATCH_SIZE,
+            RELAY_FAILED_BATCHES,
+            RELAY_FANNED_OUT,
+            DEAD_LETTERS,
+            SCHEDULE_FIRED,
+            SCHEDULE_MISFIRED,
+            SCHEDULE_LATENESS,
+            RECONNECTS,
+            POOL_MAX_SIZE,
+            POOL_SIZE,
+            POOL_AVAILABLE,
+            POOL_WAITING,
+        ];
     }
 
     /// Span names.
@@ -60,6 +82,9 @@ pub mod names {
         pub const TASK_RUN: &str = "herald.task.run";
         pub const RELAY_BATCH: &str = "herald.relay.batch";
         pub const SCHEDULE_FIRE: &str = "herald.schedule.fire";
+
+        /// Every name above.
+        pub const ALL: &[&str] = &[TASK_RUN, RELAY_BATCH, SCHEDULE_FIRE];
     }
 
     /// Values of the `event` field of lifecycle events.
@@ -91,6 +116,37 @@ pub mod names {
         pub const POSTGRES_RECONNECTED: &str = "herald.postgres.reconnected";
         pub const REDIS_CONNECTION_LOST: &str = "herald.redis.connection_lost";
         pub const REDIS_RECONNECTED: &str = "herald.redis.reconnected";
+
+        /// Every name above.
+        pub const ALL: &[&str] = &[
+            TASK_ENQUEUED,
+            TASK_CLAIMED,
+            TASK_STARTED,
+            TASK_SUCCEEDED,
+            TASK_FAILED,
+            TASK_RETRIED,
+            TASK_DEAD_LETTERED,
+            TASK_CANCELLED,
+            TASK_CANCEL_REQUESTED,
+            TASK_SNOOZED,
+            TASK_RELEASED,
+            TASK_ABANDONED,
+            TASK_RESCUED,
+            EVENT_PUBLISHED,
+            RELAY_BATCH_CLAIMED,
+            RELAY_BATCH_PUBLISHED,
+            RELAY_BATCH_FAILED,
+            RELAY_PARTITION_ACQUIRED,
+            RELAY_PARTITION_RELEASED,
+            RELAY_EVENT_REFUSED,
+            RELAY_DEAD_LETTERED,
+            SCHEDULE_FIRED,
+            SCHEDULE_MISFIRED,
+            POSTGRES_CONNECTION_LOST,
+            POSTGRES_RECONNECTED,
+            REDIS_CONNECTION_LOST,
+            REDIS_RECONNECTED,
+        ];
     }
 }
 
@@ -236,7 +292,12 @@ impl Drop for ShutdownOnDrop {
 /// is installed and the span is recorded: what producers store in event and
 /// task headers.
 pub fn current_traceparent() -> Option<String> {
-    let span = tracing::Span::current();
+    traceparent_of(&tracing::Span::current())
+}
+
+/// The W3C `traceparent` of `span`, when it is recorded by an OpenTelemetry
+/// layer.
+pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
     if span.is_none() {
         return None;
     }
@@ -493,6 +554,21 @@ mod tests {
             headers_json_with(&h, Some("00-a-b-01")),
             r#"{"traceparent":"mine"}"#
         );
+    }
+
+    #[test]
+    fn every_name_is_documented() {
+        let doc = include_str!("../docs/telemetry.md");
+        let all = names::metric::ALL
+            .iter()
+            .chain(names::span::ALL)
+            .chain(names::event::ALL);
+        for name in all {
+            assert!(
+                doc.contains(&format!("`{name}`")),
+                "{name} is missing from docs/telemetry.md"
+            );
+        }
     }
 
     #[test]

@@ -442,3 +442,67 @@ async fn relay_metrics_count_published_events() {
         "{text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_tasks_continue_the_fire_span_and_lateness_is_measured() {
+    let exporter = exporter();
+    let db = TestDb::with(tweak).await;
+    let client = db.client().await;
+    let schedule = herald::cron::Schedule::new(
+        "telemetry-tick",
+        "* * * * * *",
+        "herald.noop",
+        &serde_json::json!({}),
+    )
+    .unwrap()
+    .queue("ticks");
+    herald::cron::upsert(&client, &schedule).await.unwrap();
+    let token = CancellationToken::new();
+    let handle =
+        tokio::spawn(herald::cron::Scheduler::new(&db.config, db.pool()).run(token.clone()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while db
+        .count("SELECT count(*) FROM herald.tasks WHERE queue = 'ticks'")
+        .await
+        == 0
+    {
+        assert!(tokio::time::Instant::now() < deadline, "a tick fired");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop(token, handle).await;
+
+    let row = client
+        .query_one(
+            "SELECT headers->>'traceparent' FROM herald.tasks WHERE queue = 'ticks' ORDER BY id LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let traceparent: String = row.get(0);
+    let fires: Vec<SpanData> = exporter
+        .get_finished_spans()
+        .unwrap()
+        .into_iter()
+        .filter(|s| s.name == "herald.schedule.fire")
+        .collect();
+    assert!(
+        fires.iter().any(|s| traceparent
+            == format!(
+                "00-{}-{}-01",
+                s.span_context.trace_id(),
+                s.span_context.span_id()
+            )),
+        "the fired task's traceparent {traceparent} names a herald.schedule.fire span"
+    );
+
+    let text = herald::telemetry::render_metrics();
+    let labels = [("schedule", "telemetry-tick")];
+    assert!(
+        metric(&text, "herald_schedule_fired_total", &labels) >= 1.0,
+        "{text}"
+    );
+    assert!(
+        metric(&text, "herald_schedule_lateness_seconds_count", &labels) >= 1.0,
+        "{text}"
+    );
+}
