@@ -205,7 +205,8 @@ pub fn init(format: LogFormat) {
                         Some(
                             tracing_opentelemetry::layer()
                                 .with_tracked_inactivity(false)
-                                .with_tracer(tracer),
+                                .with_tracer(tracer)
+                                .with_filter(not_exporter_internals()),
                         ),
                         None,
                     )
@@ -227,6 +228,29 @@ pub fn init(format: LogFormat) {
     } else if installed && TRACER_PROVIDER.lock().is_ok_and(|p| p.is_some()) {
         tracing::info!("exporting traces over OTLP (http/protobuf)");
     }
+}
+
+/// Leaves out the spans of the HTTP stack the exporter itself uses (seen at
+/// `RUST_LOG=debug`): exporting them would make more of them, forever.
+fn not_exporter_internals(
+) -> tracing_subscriber::filter::FilterFn<impl Fn(&tracing::Metadata<'_>) -> bool> {
+    const INTERNALS: [&str; 7] = [
+        "hyper",
+        "reqwest",
+        "h2",
+        "tower",
+        "tonic",
+        "rustls",
+        "opentelemetry",
+    ];
+    tracing_subscriber::filter::filter_fn(|meta| {
+        let target = meta.target();
+        !INTERNALS.iter().any(|p| {
+            target.strip_prefix(p).is_some_and(|rest| {
+                rest.is_empty() || rest.starts_with(':') || rest.starts_with('_')
+            })
+        })
+    })
 }
 
 fn otlp_provider() -> std::result::Result<SdkTracerProvider, String> {
