@@ -506,3 +506,89 @@ async fn scheduled_tasks_continue_the_fire_span_and_lateness_is_measured() {
         "{text}"
     );
 }
+
+/// The binary's own set-up: with `OTEL_EXPORTER_OTLP_ENDPOINT` set, a
+/// `herald worker` exports its task spans over OTLP/HTTP (protobuf) to a
+/// real HTTP receiver, in the trace named by the task's `traceparent`, and
+/// flushes them when it stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn herald_worker_exports_task_spans_over_otlp_http() {
+    use std::sync::{Arc, Mutex};
+    exporter();
+    let db = TestDb::with(tweak).await;
+    let client = db.client().await;
+
+    // (content type, body) of every request.
+    type Requests = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+    let received: Requests = Arc::default();
+    let sink = received.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(
+            move |headers: axum::http::HeaderMap, body: axum::body::Bytes| {
+                let sink = sink.clone();
+                async move {
+                    let ctype = headers
+                        .get("content-type")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
+                    sink.lock().unwrap().push((ctype, body.to_vec()));
+                    ""
+                }
+            },
+        ),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let task = Task::new("herald.noop", &serde_json::json!({}))
+        .unwrap()
+        .traceparent(format!("00-{trace_id}-00f067aa0ba902b7-01"));
+    herald::enqueue(&client, &task).await.unwrap();
+
+    let worker = common::HeraldProcess::command(
+        &db.config,
+        &["worker"],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_SERVICE_NAME", "herald-otlp-test"),
+            ("RUST_LOG", "info"),
+        ],
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while db.count("SELECT count(*) FROM herald.tasks").await > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the worker ran the task"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Spans are batched; stopping the process flushes them.
+    assert!(worker.terminate().await.success());
+    server.abort();
+
+    let received = received.lock().unwrap();
+    let raw_trace_id = hex::decode(trace_id).unwrap();
+    let has = |body: &[u8], needle: &[u8]| body.windows(needle.len()).any(|w| w == needle);
+    let span = received
+        .iter()
+        .find(|(_, body)| has(body, b"herald.task.run"));
+    let (ctype, body) = span.unwrap_or_else(|| {
+        panic!(
+            "a herald.task.run span among {} OTLP requests",
+            received.len()
+        )
+    });
+    assert_eq!(ctype, "application/x-protobuf");
+    assert!(
+        has(body, b"herald-otlp-test"),
+        "service.name from OTEL_SERVICE_NAME"
+    );
+    assert!(
+        has(body, &raw_trace_id),
+        "the span is in the producer's trace"
+    );
+}
