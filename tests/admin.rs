@@ -516,6 +516,74 @@ async fn a_configured_token_is_required_except_by_the_probes() {
 }
 
 #[tokio::test]
+async fn a_browser_signs_in_with_the_token_and_gets_a_session_cookie() {
+    let db = TestDb::with(|c| c.admin.token = Some("s3cret-token".into())).await;
+    let served = Served::start(&db.config, Readiness::default()).await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let url = |p: &str| format!("{}{p}", served.base);
+
+    // A browser without credentials is sent to the form; a script gets 401.
+    let page = http
+        .get(url("/"))
+        .header("accept", "text/html")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status().as_u16(), 303);
+    assert_eq!(page.headers()["location"], "/login");
+    let form = http.get(url("/login")).send().await.unwrap();
+    assert_eq!(form.status().as_u16(), 200);
+    assert!(form.text().await.unwrap().contains("name=\"token\""));
+
+    let wrong = http
+        .post(url("/login"))
+        .form(&[("token", "guess")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status().as_u16(), 401);
+    assert!(wrong.headers().get("set-cookie").is_none());
+
+    let signed = http
+        .post(url("/login"))
+        .form(&[("token", "s3cret-token")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed.status().as_u16(), 303);
+    let cookie = signed.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        "{cookie}"
+    );
+    assert!(
+        !cookie.contains("s3cret-token"),
+        "the token itself never goes to the browser"
+    );
+    let session = cookie.split(';').next().unwrap().to_string();
+
+    for path in ["/", "/metrics", "/dead-letters"] {
+        let r = http
+            .get(url(path))
+            .header("cookie", &session)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{path} with the session cookie");
+    }
+    let forged = http
+        .get(url("/metrics"))
+        .header("cookie", "herald_admin=00ff")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status().as_u16(), 401);
+}
+
+#[tokio::test]
 async fn a_non_loopback_bind_without_a_token_is_refused() {
     let mut config = Config {
         redis_url: common::redis_url(),

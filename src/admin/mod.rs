@@ -67,6 +67,7 @@ pub fn router(state: SharedState) -> Router {
         .route("/metrics", axum::routing::get(metrics::metrics))
         .route("/healthz", axum::routing::get(health::healthz))
         .route("/readyz", axum::routing::get(health::readyz))
+        .route("/login", axum::routing::get(login_page).post(login))
         .merge(dashboard::routes())
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state)
@@ -76,15 +77,26 @@ pub fn router(state: SharedState) -> Router {
 /// set, except the probes `/healthz` and `/readyz`: orchestrators cannot
 /// send a secret header, and they reveal only up/down.
 async fn require_token(State(state): State<SharedState>, request: Request, next: Next) -> Response {
-    let probe = matches!(request.uri().path(), "/healthz" | "/readyz");
-    if let Some(token) = state.config.admin.token.as_ref().filter(|_| !probe) {
-        let given = request
+    let open = matches!(request.uri().path(), "/healthz" | "/readyz" | "/login");
+    if let Some(token) = state.config.admin.token.as_ref().filter(|_| !open) {
+        let bearer = request
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        let ok = given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()));
-        if !ok {
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()));
+        let cookie = session_cookie(request.headers())
+            .is_some_and(|c| constant_time_eq(c.as_bytes(), session_value(token).as_bytes()));
+        if !bearer && !cookie {
+            // A browser goes to the login form; anything else gets a 401.
+            let wants_html = request
+                .headers()
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("text/html"));
+            if wants_html && request.method() == axum::http::Method::GET {
+                return axum::response::Redirect::to("/login").into_response();
+            }
             return (
                 StatusCode::UNAUTHORIZED,
                 [(header::WWW_AUTHENTICATE, "Bearer")],
@@ -94,6 +106,85 @@ async fn require_token(State(state): State<SharedState>, request: Request, next:
         }
     }
     next.run(request).await
+}
+
+const SESSION_COOKIE: &str = "herald_admin";
+
+/// What the session cookie holds: a MAC of a fixed label under the token,
+/// so the token itself never sits in the browser, and changing the token
+/// ends every session.
+fn session_value(token: &str) -> String {
+    use hmac::{KeyInit, Mac};
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(token.as_bytes())
+        .expect("HMAC accepts keys of any length");
+    mac.update(b"herald admin session v1");
+    hex::encode(mac.finalize().into_bytes())
+}
+
+fn session_cookie(headers: &axum::http::HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == SESSION_COOKIE)
+        .map(|(_, v)| v.to_string())
+}
+
+async fn login_page(State(state): State<SharedState>) -> Response {
+    let body = maud::html! {
+        (maud::DOCTYPE)
+        html lang="en" {
+            head { meta charset="utf-8"; title { "Herald admin: sign in" } }
+            body style="font-family: system-ui, sans-serif; max-width: 24rem; margin: 4rem auto;" {
+                h1 { "Herald admin" }
+                @if state.config.admin.token.is_none() {
+                    p { "No token is configured: the dashboard is open on this address. " a href="/" { "Go to the dashboard" } }
+                } @else {
+                    form method="post" action="/login" {
+                        label for="token" { "Admin token (admin.token / HERALD_ADMIN_TOKEN)" }
+                        br;
+                        input id="token" name="token" type="password" autocomplete="current-password" required;
+                        " "
+                        button type="submit" { "Sign in" }
+                    }
+                }
+            }
+        }
+    };
+    body.into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct LoginForm {
+    token: String,
+}
+
+async fn login(
+    State(state): State<SharedState>,
+    axum::Form(form): axum::Form<LoginForm>,
+) -> Response {
+    let Some(token) = &state.config.admin.token else {
+        return axum::response::Redirect::to("/").into_response();
+    };
+    if !constant_time_eq(form.token.as_bytes(), token.as_bytes()) {
+        return (StatusCode::UNAUTHORIZED, "wrong token").into_response();
+    }
+    // SameSite=Strict: the browser never sends it on a cross-site request,
+    // on top of the dashboard's own CSRF tokens.
+    let cookie = format!(
+        "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age=43200",
+        session_value(token)
+    );
+    (
+        StatusCode::SEE_OTHER,
+        [
+            (header::SET_COOKIE, cookie),
+            (header::LOCATION, "/".to_string()),
+        ],
+    )
+        .into_response()
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
