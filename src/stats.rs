@@ -84,19 +84,7 @@ pub async fn snapshot<C: GenericClient + Sync>(client: &C) -> Result<Snapshot> {
             failed_attempts_last_hour: r.get("failed_attempts_last_hour"),
         })
         .collect();
-    let row = client
-        .query_one(
-            "SELECT unpublished, extract(epoch FROM oldest_age)::float8 AS oldest_age_secs, failing
-             FROM herald.outbox_backlog",
-            &[],
-        )
-        .await
-        .context("reading herald.outbox_backlog")?;
-    let outbox = OutboxBacklog {
-        unpublished: row.get("unpublished"),
-        oldest_age_secs: row.get("oldest_age_secs"),
-        failing: row.get("failing"),
-    };
+    let outbox = outbox_backlog(client).await?;
     let dead_letters = client
         .query(
             "SELECT source, queue, kind, error, count, first_failed_at, last_failed_at
@@ -218,19 +206,7 @@ pub async fn gauges<C: GenericClient + Sync>(client: &C) -> Result<Gauges> {
             expired_leases: r.get("expired_leases"),
         })
         .collect();
-    let row = client
-        .query_one(
-            "SELECT unpublished, extract(epoch FROM oldest_age)::float8 AS oldest_age_secs, failing
-             FROM herald.outbox_backlog",
-            &[],
-        )
-        .await
-        .context("reading herald.outbox_backlog")?;
-    let outbox = OutboxBacklog {
-        unpublished: row.get("unpublished"),
-        oldest_age_secs: row.get("oldest_age_secs"),
-        failing: row.get("failing"),
-    };
+    let outbox = outbox_backlog(client).await?;
     let dead_letters = client
         .query(
             "SELECT source, coalesce(queue, '') AS queue, coalesce(kind, topic, '') AS kind,
@@ -307,5 +283,22 @@ pub async fn gauges<C: GenericClient + Sync>(client: &C) -> Result<Gauges> {
         schedules,
         tables,
         oldest_transaction_secs,
+    })
+}
+
+/// `herald.outbox_backlog`: events written and not yet relayed.
+pub async fn outbox_backlog<C: GenericClient + Sync>(client: &C) -> Result<OutboxBacklog> {
+    let row = client
+        .query_one(
+            "SELECT unpublished, extract(epoch FROM oldest_age)::float8 AS oldest_age_secs, failing
+             FROM herald.outbox_backlog",
+            &[],
+        )
+        .await
+        .context("reading herald.outbox_backlog")?;
+    Ok(OutboxBacklog {
+        unpublished: row.get("unpublished"),
+        oldest_age_secs: row.get("oldest_age_secs"),
+        failing: row.get("failing"),
     })
 }
