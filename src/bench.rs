@@ -17,9 +17,11 @@ use crate::config::Config;
 use crate::outbox::{Event, Outbox};
 use crate::pubsub::{Delivery, Subscriber};
 
+mod charts;
+
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Workloads: O1, O2, O3, Q1, Q1b, Q2, Q3, C1, or all.
+    /// Workloads: O1, O1c, O2, O3, O4, Q1, Q1b, Q2, Q2-scale, Q3, C1, or all.
     #[arg(required = true)]
     pub workloads: Vec<String>,
     /// Runs per workload; the median is reported with min–max.
@@ -28,22 +30,36 @@ pub struct BenchArgs {
     /// Also run O2 with 1,000,000 events.
     #[arg(long)]
     pub large: bool,
-    /// Q2: tasks each worker process runs at once.
+    /// Q2 and Q2-scale: tasks each worker process runs at once.
     #[arg(long, default_value_t = 2000)]
     pub q2_concurrency: usize,
-    /// Q2: most tasks one claim takes (worker.batch_size).
+    /// Q2 and Q2-scale: most tasks one claim takes (worker.batch_size).
     #[arg(long, default_value_t = 1000)]
     pub q2_batch: usize,
-    /// Q2: worker processes.
+    /// Q2 and Q2-scale: worker processes.
     #[arg(long, default_value_t = 1)]
     pub q2_workers: usize,
     /// Write the results as markdown to this file (e.g. docs/benchmarks.md).
+    /// An existing file keeps everything outside its generated block.
     #[arg(long, value_name = "FILE")]
     pub write: Option<PathBuf>,
+    /// Draw SVG charts into this directory (default: the directory of
+    /// --write, when it is given).
+    #[arg(long, value_name = "DIR")]
+    pub charts: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long, short)]
+    pub quiet: bool,
 }
 
-/// The workloads of shared/bench-spec.md this build runs.
-const WORKLOADS: [&str; 8] = ["O1", "O2", "O3", "Q1", "Q1B", "Q2", "Q3", "C1"];
+/// The workloads of shared/bench-spec.md, in the order `all` runs them.
+const WORKLOADS: [&str; 11] = [
+    "O1", "O1C", "O2", "O3", "O4", "Q1", "Q1B", "Q2", "Q2-SCALE", "Q3", "C1",
+];
+
+/// First and last line of the part of the markdown file `--write` rewrites.
+const BEGIN_MARK: &str = "<!-- herald bench: generated block, rewritten by --write -->";
+const END_MARK: &str = "<!-- herald bench: end of generated block -->";
 
 /// One figure of one workload over several runs.
 #[derive(Debug, Clone)]
@@ -71,6 +87,35 @@ impl Figure {
 /// Results of one run: metric name → value, plus notes.
 type RunResult = Vec<(String, &'static str, f64)>;
 
+/// Raw latency samples (ms) by series name, pooled over the runs, for the
+/// charts.
+type Samples = Vec<(String, Vec<f64>)>;
+
+fn add_samples(samples: &mut Samples, name: &str, values: &[f64]) {
+    match samples.iter_mut().find(|(n, _)| n == name) {
+        Some((_, v)) => v.extend_from_slice(values),
+        None => samples.push((name.to_string(), values.to_vec())),
+    }
+}
+
+fn progress_bar(total: u64, quiet: bool) -> indicatif::ProgressBar {
+    if quiet {
+        return indicatif::ProgressBar::hidden();
+    }
+    // Draws nothing when stderr is not a terminal.
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(total),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {bar:30.cyan/blue} {pos}/{len} runs  {msg}",
+    ) {
+        bar.set_style(style);
+    }
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
 pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
     if args.runs == 0 {
         bail!("--runs must be at least 1");
@@ -87,25 +132,37 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
             ),
         }
     }
-    wanted.dedup();
+    let mut seen = std::collections::HashSet::new();
+    wanted.retain(|w| seen.insert(w.clone()));
+    let started = chrono::Utc::now();
+    let bar = progress_bar((wanted.len() * args.runs) as u64, args.quiet);
     let mut figures: Vec<Figure> = Vec::new();
+    let mut samples: Samples = Vec::new();
     for workload in &wanted {
         let mut per_metric: Vec<Figure> = Vec::new();
         for run in 0..args.runs {
-            eprintln!("bench {workload}: run {}/{}", run + 1, args.runs);
+            let label = format!("{workload}: run {}/{}", run + 1, args.runs);
+            bar.set_message(label.clone());
+            if bar.is_hidden() && !args.quiet {
+                eprintln!("bench {label}");
+            }
             let db = BenchDb::create(config, workload, run).await?;
             let result = match workload.as_str() {
                 "O1" => o1(&db.config).await,
+                "O1C" => o1c(&db.config).await,
                 "O2" => o2(&db.config, args.large).await,
-                "O3" => o3(&db.config).await,
+                "O3" => o3(&db.config, &mut samples).await,
+                "O4" => o4(&db.config, &mut samples).await,
                 "Q1" => q1(&db.config).await,
                 "Q1B" => q1b(&db.config).await,
                 "Q2" => q2(&db.config, &args).await,
-                "Q3" => q3(&db.config).await,
+                "Q2-SCALE" => q2_scale(&db.config, &args).await,
+                "Q3" => q3(&db.config, &mut samples).await,
                 "C1" => c1(&db.config).await,
                 _ => unreachable!("workloads were checked above"),
             };
             db.drop_db().await?;
+            bar.inc(1);
             for (metric, unit, value) in result? {
                 match per_metric.iter_mut().find(|f| f.metric == metric) {
                     Some(f) => f.runs.push(value),
@@ -124,17 +181,57 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
         for f in &per_metric {
             line.insert(f.metric.clone(), json!(round2(f.median())));
         }
-        println!("{}", serde_json::Value::Object(line));
+        bar.suspend(|| println!("{}", serde_json::Value::Object(line)));
         figures.extend(per_metric);
     }
+    bar.finish_and_clear();
     let table = table(&figures);
     println!("{table}");
+    let charts_dir = args.charts.clone().or_else(|| {
+        args.write.as_ref().map(|w| match w.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        })
+    });
+    let mut drawn: Vec<(String, PathBuf)> = Vec::new();
+    if let Some(dir) = &charts_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        drawn = charts::draw_all(dir, &figures, &samples)?;
+        for (_, path) in &drawn {
+            eprintln!("wrote {}", path.display());
+        }
+    }
     if let Some(path) = &args.write {
-        let doc = markdown(config, &args, &table).await;
+        let block = markdown_block(config, &args, started, &table, &drawn, path).await;
+        let doc = match std::fs::read_to_string(path) {
+            Ok(old) => splice_block(&old, &block),
+            Err(_) => format!(
+                "# Benchmarks\n\n\
+                 Figures from `herald bench`, following `shared/bench-spec.md`.\n\n{block}"
+            ),
+        };
         std::fs::write(path, doc).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// `old` with its generated block replaced by `block`; without one, the
+/// block goes right after the title.
+fn splice_block(old: &str, block: &str) -> String {
+    if let (Some(b), Some(e)) = (old.find(BEGIN_MARK), old.find(END_MARK)) {
+        if b < e {
+            let end = e + END_MARK.len();
+            let rest = old[end..].strip_prefix('\n').unwrap_or(&old[end..]);
+            return format!("{}{block}{rest}", &old[..b]);
+        }
+    }
+    match old.find('\n') {
+        Some(i) if old.starts_with("# ") => {
+            format!("{}\n\n{block}\n{}", &old[..i], old[i + 1..].trim_start())
+        }
+        _ => format!("{block}\n{old}"),
+    }
 }
 
 fn round2(v: f64) -> f64 {
@@ -160,21 +257,78 @@ fn table(figures: &[Figure]) -> String {
     out
 }
 
-async fn markdown(config: &Config, args: &BenchArgs, table: &str) -> String {
+/// The git commit of the working directory, if it is a checkout.
+fn git_commit() -> Option<String> {
+    let out = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let commit = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    let dirty = std::process::Command::new("git")
+        .args(["status", "--porcelain", "--untracked-files=no"])
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .map(|o| !o.stdout.is_empty())
+        .unwrap_or(false);
+    Some(if dirty {
+        format!("{commit} (with uncommitted changes)")
+    } else {
+        commit
+    })
+}
+
+async fn markdown_block(
+    config: &Config,
+    args: &BenchArgs,
+    started: chrono::DateTime<chrono::Utc>,
+    table: &str,
+    charts: &[(String, PathBuf)],
+    doc: &std::path::Path,
+) -> String {
     let machine = machine_description(config).await;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let build = if cfg!(debug_assertions) {
+        "debug build"
+    } else {
+        "release build"
+    };
+    let commit = git_commit()
+        .map(|c| format!(", commit {c}"))
+        .unwrap_or_default();
+    let mut images = String::new();
+    for (title, path) in charts {
+        // Relative to the markdown file when the chart sits beside it.
+        let shown = match (path.parent(), doc.parent()) {
+            (Some(a), Some(b))
+                if a == b || (b.as_os_str().is_empty() && a == std::path::Path::new(".")) =>
+            {
+                path.file_name()
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| path.clone())
+            }
+            _ => path.clone(),
+        };
+        let _ = writeln!(images, "\n![{title}]({})", shown.display());
+    }
     format!(
-        "# Benchmarks\n\n\
-         Figures from `herald bench`, following `shared/bench-spec.md`: each run on a fresh, \
-         migrated database; medians of {runs} runs with min–max. Latencies are receive (or \
-         start) time minus the time the producer's COMMIT returned, on one machine.\n\n\
+        "{BEGIN_MARK}\n\
+         ## Latest full run\n\n\
+         Each run on a fresh, migrated database; medians of {runs} runs with min–max. \
+         Latencies are receive (or start) time minus the time the producer's COMMIT \
+         returned, on one machine.\n\n\
          - Command: `{command}`\n\
-         - Date: {date}\n\
+         - Date: {date} (finished {end})\n\
          - Machine: {machine}\n\
-         - Herald: {version} (release build)\n\n\
-         {table}\n",
+         - Herald: {version} ({build}{commit})\n\n\
+         {table}{images}\n{END_MARK}\n",
         runs = args.runs,
-        date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+        date = started.format("%Y-%m-%d %H:%M UTC"),
+        end = chrono::Utc::now().format("%H:%M UTC"),
         version = env!("CARGO_PKG_VERSION"),
     )
 }
@@ -233,7 +387,7 @@ impl BenchDb {
         let mut url = url::Url::parse(&base.database_url).context("parsing DATABASE_URL")?;
         let name = format!(
             "herald_bench_{}_{}_{}",
-            workload.to_ascii_lowercase(),
+            workload.to_ascii_lowercase().replace('-', "_"),
             std::process::id(),
             run
         );
@@ -437,7 +591,7 @@ async fn o2(config: &Config, large: bool) -> anyhow::Result<RunResult> {
 
 /// O3: an idle relay; one event every 5 ms for 10 s, then every 1 ms for
 /// 10 s; latency from COMMIT returned to received by a Redis subscriber.
-async fn o3(config: &Config) -> anyhow::Result<RunResult> {
+async fn o3(config: &Config, samples: &mut Samples) -> anyhow::Result<RunResult> {
     let mut rx = subscribe_all(config).await?;
     let relay = HeraldProcess::relay(config)?;
     // Let the relay connect and park on LISTEN.
@@ -495,24 +649,336 @@ async fn o3(config: &Config) -> anyhow::Result<RunResult> {
                 latencies.len()
             );
         }
-        latencies.sort_by(f64::total_cmp);
-        let pct =
-            |p: f64| latencies[((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1)];
-        out.push((format!("p50_ms_at_{label}"), "ms", pct(0.50)));
-        out.push((format!("p95_ms_at_{label}"), "ms", pct(0.95)));
-        out.push((format!("p99_ms_at_{label}"), "ms", pct(0.99)));
-        out.push((
-            format!("max_ms_at_{label}"),
-            "ms",
-            *latencies.last().unwrap_or(&0.0),
-        ));
-        out.push((
-            format!("negative_samples_at_{label}"),
-            "count",
-            negative as f64,
+        add_samples(samples, &format!("O3 at {label}/s"), &latencies);
+        out.extend(latency_figures(
+            &mut latencies,
+            negative,
+            "",
+            &format!("_at_{label}"),
         ));
     }
     relay.stop().await;
+    Ok(out)
+}
+
+/// O1c: 8 producers commit one-event transactions for 10 s into
+/// `herald.outbox` (its NOTIFY trigger installed), then for 10 s into an
+/// identical table without the trigger; commits/s of each and the ratio.
+/// Each transaction is one autocommit INSERT, the statement O3 uses.
+async fn o1c(config: &Config) -> anyhow::Result<RunResult> {
+    const PRODUCERS: usize = 8;
+    const SECS: u64 = 10;
+    let client = crate::db::connect(config, "herald-bench").await?;
+    client
+        .batch_execute("CREATE TABLE public.bench_outbox_plain (LIKE herald.outbox INCLUDING ALL)")
+        .await?;
+    let reloptions: Option<String> = client
+        .query_one(
+            "SELECT array_to_string(reloptions, ', ') FROM pg_class \
+             WHERE oid = 'herald.outbox'::regclass",
+            &[],
+        )
+        .await?
+        .get(0);
+    if let Some(opts) = reloptions.filter(|o| !o.is_empty()) {
+        client
+            .batch_execute(&format!(
+                "ALTER TABLE public.bench_outbox_plain SET ({opts})"
+            ))
+            .await?;
+    }
+    let mut out = Vec::new();
+    let mut rates = Vec::new();
+    for (table, label) in [
+        ("herald.outbox", "with_trigger"),
+        ("public.bench_outbox_plain", "without_trigger"),
+    ] {
+        let sql = format!(
+            "INSERT INTO {table} (event_id, topic, key, partition, payload) \
+             VALUES ($1, 'bench.o1c', $2, herald.partition_for($2), $3::text::jsonb)"
+        );
+        let mut clients = Vec::new();
+        for _ in 0..PRODUCERS {
+            let c = crate::db::connect(config, "herald-bench").await?;
+            let stmt = c.prepare(&sql).await?;
+            clients.push((c, stmt));
+        }
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(SECS);
+        let mut producers = tokio::task::JoinSet::new();
+        for (p, (c, stmt)) in clients.into_iter().enumerate() {
+            producers.spawn(async move {
+                let mut commits = 0u64;
+                while Instant::now() < deadline {
+                    let payload = format!("{{\"seq\": {commits}, \"producer\": {p}}}");
+                    let key = format!("k{}", commits % 100);
+                    c.execute(&stmt, &[&uuid::Uuid::now_v7(), &key, &payload])
+                        .await?;
+                    commits += 1;
+                }
+                anyhow::Ok(commits)
+            });
+        }
+        let mut total = 0u64;
+        while let Some(done) = producers.join_next().await {
+            total += done.context("an O1c producer panicked")??;
+        }
+        let rate = total as f64 / start.elapsed().as_secs_f64();
+        rates.push(rate);
+        out.push((format!("commits_per_s_{label}"), "commits/s", rate));
+    }
+    out.push(("ratio".into(), "with/without", rates[0] / rates[1]));
+    out.push(("producers".into(), "count", PRODUCERS as f64));
+    Ok(out)
+}
+
+/// Seconds since the Unix epoch, on the wall clock Postgres also reads.
+fn epoch_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Peak resident set (VmHWM) of a process, in MiB.
+fn peak_rss_mib(pid: u32) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// O4: one `herald run` process (relay, workers, scheduler, admin server);
+/// 1,000 events/s and 1,000 tasks/s together for 60 s. Events are timed as
+/// in O3 (a Redis subscriber in this process). `herald run` only has the
+/// built-in kinds, so a task's handler cannot stamp its start: bench-only
+/// row triggers on `herald.tasks` record, on the database's clock, when the
+/// claim statement takes the task (before the handler starts) and when the
+/// completion deletes it (after the handler ended). The handler's start lies
+/// between the two latencies reported.
+async fn o4(config: &Config, samples: &mut Samples) -> anyhow::Result<RunResult> {
+    const SECS: u64 = 60;
+    const RATE: u64 = 1000;
+    // Per stream: producers on their own connections, each at RATE/PRODUCERS,
+    // so one slow commit does not hold the whole stream back.
+    const PRODUCERS: u64 = 8;
+    let client = crate::db::connect(config, "herald-bench").await?;
+    client
+        .batch_execute(
+            "CREATE UNLOGGED TABLE public.bench_task_stamps (seq bigint, what text, at float8);
+             CREATE FUNCTION public.bench_stamp_task() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+                 IF TG_OP = 'DELETE' THEN
+                     INSERT INTO public.bench_task_stamps
+                     VALUES ((OLD.payload->>'seq')::bigint, 'done',
+                             extract(epoch FROM clock_timestamp())::float8);
+                 ELSE
+                     INSERT INTO public.bench_task_stamps
+                     VALUES ((NEW.payload->>'seq')::bigint, 'claimed',
+                             extract(epoch FROM clock_timestamp())::float8);
+                 END IF;
+                 RETURN NULL;
+             END $$;
+             CREATE TRIGGER bench_claimed AFTER UPDATE ON herald.tasks FOR EACH ROW
+                 WHEN (OLD.state = 'ready' AND NEW.state = 'running')
+                 EXECUTE FUNCTION public.bench_stamp_task();
+             CREATE TRIGGER bench_done AFTER DELETE ON herald.tasks FOR EACH ROW
+                 EXECUTE FUNCTION public.bench_stamp_task();",
+        )
+        .await?;
+    let mut rx = subscribe_all(config).await?;
+    let run = HeraldProcess::spawn(
+        config,
+        &["run"],
+        &[
+            ("HERALD_ADMIN_ENABLED", "true".into()),
+            ("HERALD_ADMIN_BIND", "127.0.0.1:0".into()),
+            ("HERALD_SCHEDULER_ENABLED", "true".into()),
+        ],
+    )?;
+    let pid = run.0.id().context("herald run has no pid")?;
+    // Let it connect and park on LISTEN.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // A receiver that keeps up while the producers run.
+    let received: std::sync::Arc<std::sync::Mutex<HashMap<i64, Instant>>> = Default::default();
+    let receiver = {
+        let received = received.clone();
+        tokio::spawn(async move {
+            while let Some((seq, t)) = rx.recv().await {
+                if let Ok(mut m) = received.lock() {
+                    m.insert(seq, t);
+                }
+            }
+        })
+    };
+    let insert_event = "INSERT INTO herald.outbox (event_id, topic, key, partition, payload) \
+         VALUES ($1, 'bench.o4', NULL, herald.partition_for(NULL), $2::text::jsonb)";
+    let period = Duration::from_micros(1_000_000 * PRODUCERS / RATE);
+    let count = RATE * SECS / PRODUCERS;
+    let start = tokio::time::Instant::now() + Duration::from_millis(100);
+    // Open loop: a producer that falls behind bursts to catch up, and stops
+    // at the end of the 60 s whatever it managed; the rates reached are
+    // reported beside the latencies.
+    let end = start + Duration::from_secs(SECS);
+    let mut event_producers = tokio::task::JoinSet::new();
+    let mut task_producers = tokio::task::JoinSet::new();
+    for p in 0..PRODUCERS {
+        let offset = Duration::from_micros(1_000_000 * p / RATE);
+        let c = crate::db::connect(config, "herald-bench").await?;
+        let stmt = c.prepare(insert_event).await?;
+        event_producers.spawn(async move {
+            let mut ticker = tokio::time::interval_at(start + offset, period);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut committed = Vec::with_capacity(count as usize);
+            for i in 0..count {
+                ticker.tick().await;
+                if tokio::time::Instant::now() >= end {
+                    break;
+                }
+                let seq = (i * PRODUCERS + p) as i64;
+                let payload = format!("{{\"seq\": {seq}}}");
+                c.execute(&stmt, &[&uuid::Uuid::now_v7(), &payload]).await?;
+                committed.push((seq, Instant::now()));
+            }
+            anyhow::Ok(committed)
+        });
+        let c = crate::db::connect(config, "herald-bench").await?;
+        let queue = crate::queue::Queue::from_config(config);
+        task_producers.spawn(async move {
+            let mut ticker = tokio::time::interval_at(start + offset, period);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut committed = Vec::with_capacity(count as usize);
+            for i in 0..count {
+                ticker.tick().await;
+                if tokio::time::Instant::now() >= end {
+                    break;
+                }
+                let seq = (i * PRODUCERS + p) as i64;
+                // Autocommit: the statement's return is the COMMIT's return.
+                queue.enqueue(&c, &seq_task(seq)?).await?;
+                committed.push((seq, epoch_secs()));
+            }
+            anyhow::Ok(committed)
+        });
+    }
+    let mut events: Vec<(i64, Instant)> = Vec::new();
+    while let Some(done) = event_producers.join_next().await {
+        events.extend(done.context("an O4 producer panicked")??);
+    }
+    let mut tasks: Vec<(i64, f64)> = Vec::new();
+    while let Some(done) = task_producers.join_next().await {
+        tasks.extend(done.context("an O4 producer panicked")??);
+    }
+    let produced_in = (tokio::time::Instant::now() - start).as_secs_f64();
+    // The backlog the moment the producers are done.
+    let outbox_left = crate::stats::outbox_backlog(&client).await?.unpublished;
+    let tasks_left: i64 = client
+        .query_one("SELECT count(*) FROM herald.tasks", &[])
+        .await?
+        .get(0);
+    // Then let everything arrive (at most 30 s).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let done: i64 = client
+            .query_one(
+                "SELECT count(*) FROM public.bench_task_stamps WHERE what = 'done'",
+                &[],
+            )
+            .await?
+            .get(0);
+        let outbox: i64 = crate::stats::outbox_backlog(&client).await?.unpublished;
+        if (done >= tasks.len() as i64 && outbox == 0) || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss = peak_rss_mib(pid);
+    run.stop().await;
+    receiver.abort();
+    let received = received.lock().map(|m| m.clone()).unwrap_or_default();
+    let stamps = client
+        .query("SELECT seq, what, at FROM public.bench_task_stamps", &[])
+        .await?;
+    let mut claimed: HashMap<i64, f64> = HashMap::new();
+    let mut done: HashMap<i64, f64> = HashMap::new();
+    for row in stamps {
+        let seq: Option<i64> = row.get(0);
+        let what: String = row.get(1);
+        let at: f64 = row.get(2);
+        if let Some(seq) = seq {
+            // The first claim of a task counts (a retry would claim it again).
+            match what.as_str() {
+                "claimed" => {
+                    claimed.entry(seq).or_insert(at);
+                }
+                _ => {
+                    done.insert(seq, at);
+                }
+            }
+        }
+    }
+    let mut out: RunResult = Vec::new();
+    // Events: receive − commit return, as in O3.
+    let mut negative = 0usize;
+    let mut event_ms: Vec<f64> = events
+        .iter()
+        .filter_map(|(seq, c)| {
+            let at = received.get(seq)?;
+            Some(if at >= c {
+                (*at - *c).as_secs_f64() * 1000.0
+            } else {
+                negative += 1;
+                -((*c - *at).as_secs_f64() * 1000.0)
+            })
+        })
+        .collect();
+    let events_missing = events.len() - event_ms.len();
+    add_samples(samples, "O4 events", &event_ms);
+    out.extend(latency_figures(&mut event_ms, negative, "event_", ""));
+    out.push(("events_missing".into(), "events", events_missing as f64));
+    // Tasks: claim and completion, database clock − commit return.
+    for (name, stamps) in [("claim", &claimed), ("done", &done)] {
+        let mut ms: Vec<f64> = tasks
+            .iter()
+            .filter_map(|(seq, c)| Some((stamps.get(seq)? - c) * 1000.0))
+            .collect();
+        let negative = ms.iter().filter(|v| **v < 0.0).count();
+        if name == "claim" {
+            out.push((
+                "tasks_missing".into(),
+                "tasks",
+                (tasks.len() - ms.len()) as f64,
+            ));
+        }
+        add_samples(samples, &format!("O4 tasks, {name}"), &ms);
+        out.extend(latency_figures(
+            &mut ms,
+            negative,
+            &format!("task_{name}_"),
+            "",
+        ));
+    }
+    out.push((
+        "events_per_s_produced".into(),
+        "events/s",
+        events.len() as f64 / produced_in,
+    ));
+    out.push((
+        "tasks_per_s_produced".into(),
+        "tasks/s",
+        tasks.len() as f64 / produced_in,
+    ));
+    out.push(("outbox_backlog_at_end".into(), "events", outbox_left as f64));
+    out.push(("task_backlog_at_end".into(), "tasks", tasks_left as f64));
+    if let Some(rss) = rss {
+        out.push(("peak_rss_mib".into(), "MiB", rss));
+    }
     Ok(out)
 }
 
@@ -574,7 +1040,29 @@ async fn q2(config: &Config, args: &BenchArgs) -> anyhow::Result<RunResult> {
         queue.enqueue_batch(&client, &batch).await?;
     }
     client.batch_execute("VACUUM ANALYZE herald.tasks").await?;
+    let rate = drain_tasks(config, args, &client, N).await?;
+    Ok(vec![
+        ("tasks_per_s".into(), "tasks/s", rate),
+        ("worker_processes".into(), "count", args.q2_workers as f64),
+        (
+            "concurrency_per_worker".into(),
+            "tasks",
+            args.q2_concurrency as f64,
+        ),
+        ("claim_batch".into(), "tasks", args.q2_batch as f64),
+    ])
+}
+
+/// Start the Q2 worker process(es) on `n` waiting tasks; tasks/s until
+/// `herald.tasks` is empty, counted from the database.
+async fn drain_tasks(
+    config: &Config,
+    args: &BenchArgs,
+    client: &tokio_postgres::Client,
+    n: i64,
+) -> anyhow::Result<f64> {
     let concurrency = args.q2_concurrency.to_string();
+    let limit = Duration::from_secs(120 + n as u64 / 2000);
     let started = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..args.q2_workers {
@@ -590,30 +1078,64 @@ async fn q2(config: &Config, args: &BenchArgs) -> anyhow::Result<RunResult> {
         if left == 0 {
             break;
         }
-        if started.elapsed() > Duration::from_secs(120) {
-            bail!("Q2: {left} of {N} tasks still in herald.tasks after 120 s");
+        if started.elapsed() > limit {
+            for w in workers {
+                w.stop().await;
+            }
+            bail!("{left} of {n} tasks still in herald.tasks after {limit:?}");
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        // Counting a large table costs the workers' cores: poll it often
+        // only near the end.
+        let pause = if left > 20_000 { 250 } else { 5 };
+        tokio::time::sleep(Duration::from_millis(pause)).await;
     }
-    let rate = N as f64 / started.elapsed().as_secs_f64();
+    let rate = n as f64 / started.elapsed().as_secs_f64();
     for w in workers {
         w.stop().await;
     }
-    Ok(vec![
-        ("tasks_per_s".into(), "tasks/s", rate),
-        ("worker_processes".into(), "count", args.q2_workers as f64),
-        (
-            "concurrency_per_worker".into(),
-            "tasks",
-            args.q2_concurrency as f64,
-        ),
-        ("claim_batch".into(), "tasks", args.q2_batch as f64),
-    ])
+    Ok(rate)
+}
+
+/// Q2-scale: Q2 with 200,000 and then 1,000,000 tasks waiting. The backlog
+/// is written by one server-side `INSERT … SELECT` per 100,000 rows, the
+/// rows the bulk API writes for `seq_task` (no trace context: empty headers).
+async fn q2_scale(config: &Config, args: &BenchArgs) -> anyhow::Result<RunResult> {
+    let client = crate::db::connect(config, "herald-bench").await?;
+    let fill = client
+        .prepare(
+            "INSERT INTO herald.tasks (queue, kind, payload) \
+             SELECT 'default', 'herald.noop', jsonb_build_object('seq', g) \
+             FROM generate_series($1::bigint, $2::bigint) g",
+        )
+        .await?;
+    let mut out = Vec::new();
+    for n in [200_000i64, 1_000_000] {
+        client.batch_execute("TRUNCATE herald.tasks").await?;
+        let mut from = 0i64;
+        while from < n {
+            let to = (from + 100_000).min(n) - 1;
+            client.execute(&fill, &[&from, &to]).await?;
+            from = to + 1;
+        }
+        client.batch_execute("VACUUM ANALYZE herald.tasks").await?;
+        let rate = drain_tasks(config, args, &client, n)
+            .await
+            .with_context(|| format!("Q2-scale at {n}"))?;
+        out.push((format!("tasks_per_s_at_{n}"), "tasks/s", rate));
+    }
+    out.push(("worker_processes".into(), "count", args.q2_workers as f64));
+    out.push((
+        "concurrency_per_worker".into(),
+        "tasks",
+        args.q2_concurrency as f64,
+    ));
+    out.push(("claim_batch".into(), "tasks", args.q2_batch as f64));
+    Ok(out)
 }
 
 /// Q3: idle workers; one enqueue every 5 ms for 10 s; latency from the
 /// enqueue's COMMIT returned to the handler's start.
-async fn q3(config: &Config) -> anyhow::Result<RunResult> {
+async fn q3(config: &Config, samples: &mut Samples) -> anyhow::Result<RunResult> {
     use std::sync::{Arc, Mutex};
     const N: i64 = 2000;
     let started_at: Arc<Mutex<HashMap<i64, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
@@ -690,15 +1212,38 @@ async fn q3(config: &Config) -> anyhow::Result<RunResult> {
             })
         })
         .collect();
+    add_samples(samples, "Q3 at 200/s", &latencies);
+    Ok(latency_figures(&mut latencies, negative, "", ""))
+}
+
+/// p50, p95, p99, max (ms) and the count of negative samples, named
+/// `{prefix}p50_ms{suffix}` and so on.
+fn latency_figures(
+    latencies: &mut [f64],
+    negative: usize,
+    prefix: &str,
+    suffix: &str,
+) -> RunResult {
     latencies.sort_by(f64::total_cmp);
+    if latencies.is_empty() {
+        return Vec::new();
+    }
     let pct = |p: f64| latencies[((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1)];
-    Ok(vec![
-        ("p50_ms".into(), "ms", pct(0.50)),
-        ("p95_ms".into(), "ms", pct(0.95)),
-        ("p99_ms".into(), "ms", pct(0.99)),
-        ("max_ms".into(), "ms", *latencies.last().unwrap_or(&0.0)),
-        ("negative_samples".into(), "count", negative as f64),
-    ])
+    vec![
+        (format!("{prefix}p50_ms{suffix}"), "ms", pct(0.50)),
+        (format!("{prefix}p95_ms{suffix}"), "ms", pct(0.95)),
+        (format!("{prefix}p99_ms{suffix}"), "ms", pct(0.99)),
+        (
+            format!("{prefix}max_ms{suffix}"),
+            "ms",
+            latencies[latencies.len() - 1],
+        ),
+        (
+            format!("{prefix}negative_samples{suffix}"),
+            "count",
+            negative as f64,
+        ),
+    ]
 }
 
 /// C1: three `herald scheduler` processes and one schedule firing every
@@ -798,4 +1343,40 @@ async fn c1(config: &Config) -> anyhow::Result<RunResult> {
         ("negative_samples".into(), "count", negative as f64),
         ("scheduler_processes".into(), "count", 3.0),
     ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splice_replaces_only_the_generated_block() {
+        let old = format!(
+            "# Benchmarks\n\nintro\n\n{BEGIN_MARK}\nold table\n{END_MARK}\n\n## Notes\nkept\n"
+        );
+        let new = splice_block(&old, &format!("{BEGIN_MARK}\nnew table\n{END_MARK}\n"));
+        assert_eq!(
+            new,
+            format!(
+                "# Benchmarks\n\nintro\n\n{BEGIN_MARK}\nnew table\n{END_MARK}\n\n## Notes\nkept\n"
+            )
+        );
+    }
+
+    #[test]
+    fn splice_without_a_block_inserts_it_after_the_title() {
+        let new = splice_block("# Benchmarks\n\n## Notes\nkept\n", "BLOCK\n");
+        assert_eq!(new, "# Benchmarks\n\nBLOCK\n\n## Notes\nkept\n");
+    }
+
+    #[test]
+    fn latency_figures_are_nearest_rank_percentiles() {
+        let mut v: Vec<f64> = (1..=100).rev().map(f64::from).collect();
+        let f = latency_figures(&mut v, 0, "x_", "_y");
+        let get = |name: &str| f.iter().find(|(n, _, _)| n == name).map(|(_, _, v)| *v);
+        assert_eq!(get("x_p50_ms_y"), Some(50.0));
+        assert_eq!(get("x_p99_ms_y"), Some(99.0));
+        assert_eq!(get("x_max_ms_y"), Some(100.0));
+        assert!(latency_figures(&mut [], 0, "", "").is_empty());
+    }
 }
