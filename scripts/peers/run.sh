@@ -23,6 +23,7 @@ WORK="$ROOT/.dev/peers"
 
 SYSTEMS=${SYSTEMS:-"herald graphile-worker pg-boss celery"}
 WORKLOADS=${WORKLOADS:-"Q1 Q1b Q2 Q3"}
+export PGOPTIONS=${PGOPTIONS:-"--client-min-messages=warning"}
 export PGHOST=${PGHOST:-127.0.0.1} PGPORT=${PGPORT:-5432} PGUSER=${PGUSER:-postgres}
 REDIS_HOST=${REDIS_HOST:-127.0.0.1}
 REDIS_PORT=${REDIS_PORT:-6379}

@@ -2,7 +2,7 @@
 
 Usage: python bench.py <Q1|Q1b|Q2|Q3>   (run from this directory, or with it on
 PYTHONPATH). Env: CELERY_BROKER_URL, PEERS_STATE_URL (separate Redis dbs,
-flushed by run.sh before each workload), CELERY_POOL (prefork|threads|solo),
+flushed by run.sh before each workload), CELERY_WORKERS (worker processes), CELERY_POOL (solo|prefork|threads),
 CELERY_CONCURRENCY, CELERY_PREFETCH.
 """
 import json
@@ -19,9 +19,10 @@ from celery import group
 from tasks import COUNTER, STARTS, app, noop, stamp, state
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-POOL = os.environ.get("CELERY_POOL", "prefork")
-CONCURRENCY = int(os.environ.get("CELERY_CONCURRENCY", "2"))
+POOL = os.environ.get("CELERY_POOL", "solo")
+CONCURRENCY = int(os.environ.get("CELERY_CONCURRENCY", "1"))
 PREFETCH = int(os.environ.get("CELERY_PREFETCH", "64"))
+WORKERS = int(os.environ.get("CELERY_WORKERS", "2"))
 
 
 def now_ms():
@@ -38,29 +39,40 @@ def r2(x):
 
 def worker_config():
     return (
-        f"Celery {celery.__version__}, Redis broker, 1 worker, -P {POOL} -c {CONCURRENCY}, "
+        f"Celery {celery.__version__}, Redis broker, {WORKERS} worker process(es) "
+        f"(celery worker -P {POOL} -c {CONCURRENCY}), "
         f"prefetch multiplier {PREFETCH}, --without-gossip --without-mingle --without-heartbeat, "
         f"results ignored"
     )
 
 
 def start_worker():
+    return [start_one_worker(i) for i in range(WORKERS)]
+
+
+def start_one_worker(i):
     cmd = [
         sys.executable, "-m", "celery", "-A", "tasks", "worker",
         "-P", POOL, "-c", str(CONCURRENCY), "--prefetch-multiplier", str(PREFETCH),
         "--without-gossip", "--without-mingle", "--without-heartbeat",
-        "-l", "warning", "-n", f"peers-{os.getpid()}@%h",
+        "-l", "warning", "-n", f"peers-{os.getpid()}-{i}@%h",
     ]
     return subprocess.Popen(cmd, cwd=HERE, env={**os.environ, "PYTHONPATH": HERE})
 
 
-def stop_worker(proc):
-    proc.send_signal(signal.SIGQUIT)  # cold shutdown: the bench is over
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def stop_worker(procs):
+    for proc in procs:
+        proc.send_signal(signal.SIGQUIT)  # cold shutdown: the bench is over
+    for proc in procs:
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def any_exited(procs):
+    return any(p.poll() is not None for p in procs)
 
 
 def q1():
@@ -103,7 +115,7 @@ def q2():
                 first = now_ms()
             if done >= n:
                 break
-            if time.monotonic() > deadline or proc.poll() is not None:
+            if time.monotonic() > deadline or any_exited(proc):
                 raise SystemExit(f"Q2: only {done} of {n} completed")
             time.sleep(0.01)
         t1 = now_ms()
@@ -130,7 +142,7 @@ def q3():
         stamp.apply_async(args=(-1,))
         deadline = time.monotonic() + 60
         while not state.hexists(STARTS, -1):
-            if time.monotonic() > deadline or proc.poll() is not None:
+            if time.monotonic() > deadline or any_exited(proc):
                 raise SystemExit("Q3: worker did not start")
             time.sleep(0.05)
         time.sleep(1)
