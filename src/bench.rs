@@ -257,7 +257,8 @@ fn table(figures: &[Figure]) -> String {
     out
 }
 
-/// The git commit of the working directory, if it is a checkout.
+/// The git commit of the working directory, if it is a checkout, marked when
+/// the sources the binary is built from differ from it.
 fn git_commit() -> Option<String> {
     let out = std::process::Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
@@ -269,7 +270,16 @@ fn git_commit() -> Option<String> {
     }
     let commit = String::from_utf8(out.stdout).ok()?.trim().to_string();
     let dirty = std::process::Command::new("git")
-        .args(["status", "--porcelain", "--untracked-files=no"])
+        .args([
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            "src",
+            "sql",
+            "Cargo.toml",
+            "Cargo.lock",
+        ])
         .stderr(Stdio::null())
         .output()
         .ok()

@@ -183,10 +183,12 @@ as many as you like: each tick fires once across all of them.\n\nExample:\n  her
     #[command(after_help = "Example:\n  HERALD_PARTITIONS=32 herald config")]
     Config,
 
-    /// Run benchmark workloads of shared/bench-spec.md (O1, O2, O3, all).
+    /// Run benchmark workloads of shared/bench-spec.md (O1 to C1, or all).
     #[command(
-        after_help = "Each run uses a fresh database, created and dropped by the bench.\n\n\
-Example:\n  herald bench O1 O2 O3 --runs 3 --write docs/benchmarks.md"
+        after_help = "Each run uses a fresh database, created and dropped by the bench. A progress \
+bar shows on stderr when it is a terminal (--quiet hides it); --write rewrites the file's \
+generated block and --charts (default: beside that file) draws SVG charts.\n\n\
+Example:\n  herald bench all --runs 3 --large --write docs/benchmarks.md"
     )]
     Bench(crate::bench::BenchArgs),
 }
