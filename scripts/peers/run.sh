@@ -161,6 +161,10 @@ if wants celery; then install_celery; fi
   echo "postgres: $(psql -qAtc 'show server_version')"
   echo "redis: $(redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" info server | tr -d '\r' | awk -F: '/^redis_version/ {print $2}')"
   echo "node: $(node --version 2>/dev/null || echo none), python: $(python3.11 --version 2>/dev/null | awk '{print $2}')"
+  if wants herald; then
+    echo "herald: $(git -C "$ROOT" rev-parse --short HEAD)$(git -C "$ROOT" diff --quiet HEAD -- src Cargo.toml Cargo.lock sql 2>/dev/null || echo ' (+ uncommitted changes in the tree)'), binary built $(date -u -r "$ROOT/target/release/herald" +%Y-%m-%dT%H:%M:%SZ 2>/dev/null || echo 'by this run')"
+  fi
+  echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo "command: bash scripts/peers/run.sh (SYSTEMS=\"$SYSTEMS\" WORKLOADS=\"$WORKLOADS\")"
 } | tee "$RUN/machine.txt"
 
@@ -173,6 +177,7 @@ for system in $SYSTEMS; do
   esac
 done
 
+echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$RUN/machine.txt"
 echo
 python3 "$PEERS/lib/table.py" "$RESULTS" | tee "$RUN/table.md"
 echo
