@@ -135,6 +135,8 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
     let mut seen = std::collections::HashSet::new();
     wanted.retain(|w| seen.insert(w.clone()));
     let started = chrono::Utc::now();
+    // Read before the runs: the tree may change while they take minutes.
+    let commit = git_commit();
     let bar = progress_bar((wanted.len() * args.runs) as u64, args.quiet);
     let mut figures: Vec<Figure> = Vec::new();
     let mut samples: Samples = Vec::new();
@@ -202,7 +204,7 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     if let Some(path) = &args.write {
-        let block = markdown_block(config, &args, started, &table, &drawn, path).await;
+        let block = markdown_block(config, &args, started, commit, &table, &drawn, path).await;
         let doc = match std::fs::read_to_string(path) {
             Ok(old) => splice_block(&old, &block),
             Err(_) => format!(
@@ -296,6 +298,7 @@ async fn markdown_block(
     config: &Config,
     args: &BenchArgs,
     started: chrono::DateTime<chrono::Utc>,
+    commit: Option<String>,
     table: &str,
     charts: &[(String, PathBuf)],
     doc: &std::path::Path,
@@ -307,9 +310,14 @@ async fn markdown_block(
     } else {
         "release build"
     };
-    let commit = git_commit()
-        .map(|c| format!(", commit {c}"))
+    let commit = commit
+        .map(|c| format!(", commit {c} when the run started"))
         .unwrap_or_default();
+    let runs = if args.runs == 1 {
+        "one run per workload (median = min = max)".to_string()
+    } else {
+        format!("medians of {} runs with min–max", args.runs)
+    };
     let mut images = String::new();
     for (title, path) in charts {
         // Relative to the markdown file when the chart sits beside it.
@@ -327,8 +335,8 @@ async fn markdown_block(
     }
     format!(
         "{BEGIN_MARK}\n\
-         ## Latest full run\n\n\
-         Each run on a fresh, migrated database; medians of {runs} runs with min–max. \
+         ## Latest run\n\n\
+         Each run on a fresh, migrated database; {runs}. \
          Latencies are receive (or start) time minus the time the producer's COMMIT \
          returned, on one machine.\n\n\
          - Command: `{command}`\n\
@@ -336,7 +344,6 @@ async fn markdown_block(
          - Machine: {machine}\n\
          - Herald: {version} ({build}{commit})\n\n\
          {table}{images}\n{END_MARK}\n",
-        runs = args.runs,
         date = started.format("%Y-%m-%d %H:%M UTC"),
         end = chrono::Utc::now().format("%H:%M UTC"),
         version = env!("CARGO_PKG_VERSION"),

@@ -30,7 +30,7 @@ pub(super) fn draw_all(
         .filter(|(name, v)| name.starts_with("O4") && !v.is_empty())
         .collect();
     if !o4.is_empty() {
-        let title = "Latency under O4's load (1,000 events/s and 1,000 tasks/s, one herald run)";
+        let title = "Latency in O4 (1,000 events/s and 1,000 tasks/s offered to one herald run)";
         let path = dir.join("bench-latency-o4.svg");
         latency_cdf(&path, title, &o4)?;
         drawn.push((title.to_string(), path));
@@ -160,7 +160,13 @@ fn throughput(path: &Path, title: &str, series: &[(&str, Vec<Point>)]) -> anyhow
         .configure_mesh()
         .x_desc("backlog when the relay or worker starts (rows, log scale)")
         .y_desc("per second")
-        .x_label_formatter(&|x| format!("{:.0}k", x / 1000.0))
+        .x_label_formatter(&|x| {
+            if *x >= 1_000_000.0 {
+                format!("{:.0}M", x / 1_000_000.0)
+            } else {
+                format!("{:.0}k", x / 1000.0)
+            }
+        })
         .y_label_formatter(&|y| format!("{:.0}k", y / 1000.0))
         .draw()
         .map_err(err)?;
