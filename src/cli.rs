@@ -309,17 +309,13 @@ pub async fn main() -> anyhow::Result<()> {
                 }
                 event = event.header(name, value);
             }
-            // Checked against the catalog, and sent the way its type says.
-            let fire_and_forget = crate::events::Catalog::from_config(&config)?
-                .delivery(event.topic())
-                == crate::events::DeliveryMode::FireAndForget;
-            let redis = if fire_and_forget {
-                Some(crate::pubsub::redis_pool(&config)?)
-            } else {
-                None
-            };
-            let publisher = crate::events::Publisher::new(&config, redis)?;
-            let id = if fire_and_forget {
+            // Checked against the catalog, and sent the way its type says
+            // (building the Redis pool opens no connection).
+            let redis = crate::pubsub::redis_pool(&config)?;
+            let publisher = crate::events::Publisher::new(&config, Some(redis))?;
+            let id = if publisher.catalog().delivery(event.topic())
+                == crate::events::DeliveryMode::FireAndForget
+            {
                 publisher.emit(&event).await
             } else {
                 let client = crate::db::connect(&config, "herald-cli").await?;

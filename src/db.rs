@@ -68,3 +68,9 @@ pub async fn connect(config: &Config, application_name: &str) -> Result<Client> 
     });
     Ok(client)
 }
+
+/// A Postgres interval literal for `d`, exact to the microsecond; bind it as
+/// text and cast (`$1::text::interval`).
+pub fn interval_literal(d: std::time::Duration) -> String {
+    format!("{} microseconds", d.as_micros())
+}

@@ -90,11 +90,6 @@ const MATCHES: &str = "($1::text IS NULL OR queue = $1)
 const COLUMNS: &str = "id, source, original_id, event_id, topic, kind, queue, key, payload, \
      headers, attempts, errors, last_error, created_at, failed_at";
 
-/// An interval literal Postgres parses exactly (microseconds).
-fn interval(d: Duration) -> String {
-    format!("{} microseconds", d.as_micros())
-}
-
 impl Filter {
     fn validate(&self) -> Result<()> {
         if let Some(source) = &self.source {
@@ -108,7 +103,7 @@ impl Filter {
     }
 
     fn since(&self) -> Option<String> {
-        self.since.map(interval)
+        self.since.map(crate::db::interval_literal)
     }
 }
 
@@ -240,7 +235,7 @@ pub async fn purge<C: GenericClient + Sync>(client: &C, older_than: Duration) ->
     let row = client
         .query_one(
             "SELECT herald.purge_dead_letters($1::text::interval)",
-            &[&interval(older_than)],
+            &[&crate::db::interval_literal(older_than)],
         )
         .await
         .context("purging herald.dead_letters")?;

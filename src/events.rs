@@ -153,17 +153,13 @@ impl Catalog {
             if decl.schema.is_none() {
                 decl.schema = schema;
             }
+            let name = decl.name.clone();
             if map
-                .insert(decl.name.clone(), Compiled { decl, validator })
+                .insert(name.clone(), Compiled { decl, validator })
                 .is_some()
             {
                 return Err(Error::Config(format!(
-                    "[[events]] {:?} is declared twice",
-                    types
-                        .iter()
-                        .find(|t| map.contains_key(&t.name))
-                        .map(|t| t.name.as_str())
-                        .unwrap_or_default()
+                    "[[events]] {name:?} is declared twice"
                 )));
             }
         }

@@ -481,14 +481,13 @@ impl Drainer {
             }
             ids.push(id);
             partitions.push(row.get::<_, i16>(2));
-            messages.push((
-                format!("{}{}", self.config.channel_prefix, topic),
-                envelope.clone(),
-            ));
+            // Only batches the catalog checks fan out separately and need
+            // their own copy; the usual path moves the envelope.
             if checks {
                 topics.push(topic.to_string());
-                envelopes.push(envelope);
+                envelopes.push(envelope.clone());
             }
+            messages.push((format!("{}{}", self.config.channel_prefix, topic), envelope));
         }
         if !invalid.0.is_empty() {
             tx.execute(DEAD_LETTER_INVALID, &[&invalid.0, &invalid.1, &invalid.2])

@@ -224,9 +224,7 @@ pub async fn upsert<C: GenericClient + Sync>(
     source: &str,
 ) -> Result<()> {
     sub.validate()?;
-    let timeout = sub
-        .timeout
-        .map(|d| format!("{} microseconds", d.as_micros()));
+    let timeout = sub.timeout.map(crate::db::interval_literal);
     client
         .execute(
             UPSERT,

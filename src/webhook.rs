@@ -32,12 +32,20 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `v1=<hex>`: the signature of `body` sent at `timestamp` (Unix seconds).
 pub fn sign(secret: &str, timestamp: i64, body: &[u8]) -> String {
+    format!(
+        "v1={}",
+        hex::encode(mac(secret, timestamp, body).finalize().into_bytes())
+    )
+}
+
+/// The MAC over `"<timestamp>.<body>"`, keyed with the secret.
+fn mac(secret: &str, timestamp: i64, body: &[u8]) -> hmac::Hmac<sha2::Sha256> {
     let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes())
         .expect("HMAC accepts keys of any length");
     mac.update(timestamp.to_string().as_bytes());
     mac.update(b".");
     mac.update(body);
-    format!("v1={}", hex::encode(mac.finalize().into_bytes()))
+    mac
 }
 
 /// Check a received signature in constant time; what a receiver does.
@@ -48,12 +56,7 @@ pub fn verify(secret: &str, timestamp: i64, body: &[u8], signature: &str) -> boo
     let Ok(expected) = hex::decode(hex_sig) else {
         return false;
     };
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes())
-        .expect("HMAC accepts keys of any length");
-    mac.update(timestamp.to_string().as_bytes());
-    mac.update(b".");
-    mac.update(body);
-    mac.verify_slice(&expected).is_ok()
+    mac(secret, timestamp, body).verify_slice(&expected).is_ok()
 }
 
 fn client() -> &'static reqwest::Client {

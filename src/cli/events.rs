@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
+use super::inspect::table;
 use anyhow::bail;
 use clap::Subcommand;
-use comfy_table::{presets::NOTHING, Table};
 
 use crate::config::Config;
 use crate::subscriptions::{self, Subscription};
@@ -60,12 +60,6 @@ herald subscriptions add crm 'customer.*' --webhook https://crm.example.com/hook
     Pause { name: String },
     /// Create tasks for it again, for events relayed from now on.
     Resume { name: String },
-}
-
-fn table(header: &[&str]) -> Table {
-    let mut t = Table::new();
-    t.load_style(NOTHING).set_header(header.iter().copied());
-    t
 }
 
 pub fn events(config: &Config, command: EventsCommand) -> anyhow::Result<()> {

@@ -148,7 +148,7 @@ fn pretty<T: Serialize>(value: &T) -> String {
         .replace('\n', "\n                ")
 }
 
-fn table(header: &[&str]) -> Table {
+pub(super) fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_style(NOTHING).set_header(header.iter().copied());
     t
