@@ -10,7 +10,9 @@
 //!
 //! It must never commit a claim before Redis acknowledged the publish (that
 //! would lose events), and never let two transactions drain one partition at
-//! the same time (that would reorder a key). NOTIFY is only a wake-up: every
+//! the same time (that would reorder a key), and never sleep without either
+//! holding the wake lock or knowing another relay holds it (that would leave
+//! an event waiting for `poll_interval`). NOTIFY is only a wake-up: every
 //! decision is taken from the table.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +36,18 @@ pub const CHANNEL: &str = "herald_outbox";
 /// First key of the transaction-level advisory locks that give one
 /// transaction at a time a partition ("hera" in ASCII).
 pub const PARTITION_LOCK_SPACE: i32 = 0x6865_7261;
+/// The advisory lock ("herw", 1) a sleeping relay holds exclusively on its
+/// LISTEN session. The outbox trigger (sql/V6__wake_idle_relays_only.sql)
+/// notifies only when it cannot take it shared, that is while a relay sleeps
+/// or is about to; otherwise it holds it shared until its commit.
+pub const WAKE_LOCK: (i32, i32) = (0x6865_7277, 1);
+/// How long a relay going to sleep waits for producers that hold the wake
+/// lock shared (their commits) before it sweeps and tries again: a producer
+/// transaction left open must not keep notifications from being delivered.
+const WAKE_LOCK_WAIT: &str = "20ms";
+/// How often a relay that sleeps while another holds the wake lock checks
+/// that the other is still there (a relay killed in its sleep lets go).
+const WAKE_LOCK_RECHECK: Duration = Duration::from_secs(1);
 /// `application_name` of the LISTEN connection, to find it in pg_stat_activity.
 pub const LISTEN_APPLICATION_NAME: &str = "herald-relay-listen";
 /// How often the archive's old partitions are dropped.
@@ -165,6 +179,31 @@ pub struct RelayStats {
     pub invalid: AtomicU64,
     /// Tasks inserted for durable subscriptions.
     pub fanned_out: AtomicU64,
+    /// Times this relay took the wake lock to sleep (producers notify only
+    /// while a relay holds it).
+    pub sleeps: AtomicU64,
+    /// Whether this relay holds the wake lock now (it sleeps, producers
+    /// notify).
+    pub asleep: std::sync::atomic::AtomicBool,
+}
+
+/// What the drain workers tell the LISTEN session: how many of them are
+/// draining, and a signal when the last one found nothing to claim.
+#[derive(Default)]
+struct Idle {
+    busy: std::sync::atomic::AtomicUsize,
+    all_idle: tokio::sync::Notify,
+}
+
+impl Idle {
+    fn busy(&self) {
+        self.busy.fetch_add(1, Ordering::SeqCst);
+    }
+    fn idle(&self) {
+        if self.busy.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.all_idle.notify_one();
+        }
+    }
 }
 
 pub struct Relay {
@@ -201,9 +240,13 @@ impl Relay {
         }
         let (wake_tx, wake_rx) = watch::channel(0u64);
         let wake_tx = Arc::new(wake_tx);
+        let idle = Arc::new(Idle::default());
+        idle.busy
+            .store(self.config.relay.concurrency, Ordering::SeqCst);
         let listener = tokio::spawn(listen(
             self.config.clone(),
             wake_tx.clone(),
+            idle.clone(),
             self.stats.clone(),
             shutdown.clone(),
         ));
@@ -223,6 +266,7 @@ impl Relay {
             workers.push(tokio::spawn(shared.clone().work(
                 n,
                 wake_rx.clone(),
+                idle.clone(),
                 shutdown.clone(),
             )));
         }
@@ -251,12 +295,13 @@ impl Relay {
 async fn listen(
     config: Config,
     wake: Arc<watch::Sender<u64>>,
+    idle: Arc<Idle>,
     stats: Arc<RelayStats>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
     loop {
-        let attempt = listen_once(&config, &wake, &stats);
+        let attempt = listen_once(&config, &wake, &idle, &stats);
         let outcome = tokio::select! {
             _ = shutdown.cancelled() => return,
             outcome = attempt => outcome,
@@ -282,10 +327,13 @@ async fn listen(
 }
 
 /// One LISTEN session. `Err` when it could not be set up; `Ok(reason)` when
-/// it was up and then ended.
+/// it was up and then ended. The session also holds the wake lock while the
+/// relay sleeps: taken when every drain worker is idle, let go of at the
+/// first notification.
 async fn listen_once(
     config: &Config,
     wake: &watch::Sender<u64>,
+    idle: &Idle,
     stats: &RelayStats,
 ) -> Result<String> {
     let pg = crate::db::pg_config(config, LISTEN_APPLICATION_NAME)?;
@@ -294,13 +342,17 @@ async fn listen_once(
         .await
         .context("opening the LISTEN connection")?;
     let (closed_tx, mut closed_rx) = tokio::sync::oneshot::channel::<Option<String>>();
-    let wake_driver = wake.clone();
+    let notified = Arc::new(tokio::sync::Notify::new());
+    let (wake_driver, notified_driver) = (wake.clone(), notified.clone());
     // The connection is driven here rather than spawned as a plain future so
     // that notifications come out of poll_message.
     let driver = tokio::spawn(async move {
         let end = loop {
             match poll_fn(|cx| connection.poll_message(cx)).await {
-                Some(Ok(AsyncMessage::Notification(_))) => wake_driver.send_modify(|g| *g += 1),
+                Some(Ok(AsyncMessage::Notification(_))) => {
+                    wake_driver.send_modify(|g| *g += 1);
+                    notified_driver.notify_one();
+                }
                 Some(Ok(AsyncMessage::Notice(notice))) => {
                     tracing::debug!(notice = %notice.message(), "postgres notice")
                 }
@@ -312,7 +364,9 @@ async fn listen_once(
         let _ = closed_tx.send(end);
     });
     client
-        .batch_execute(&format!("LISTEN {CHANNEL}"))
+        .batch_execute(&format!(
+            "LISTEN {CHANNEL}; SET lock_timeout = '{WAKE_LOCK_WAIT}'"
+        ))
         .await
         .context("LISTEN herald_outbox")?;
     if stats.listen_connects.fetch_add(1, Ordering::Relaxed) > 0 {
@@ -321,12 +375,136 @@ async fn listen_once(
     stats.listening.store(true, Ordering::Relaxed);
     tracing::debug!("relay listening on {CHANNEL}");
     // Sweep right after LISTEN took effect: anything committed before is
-    // found by the sweep, anything after sends a notification.
+    // found by the sweep, anything after sends a notification or is found
+    // by the sweep after the wake lock.
     wake.send_modify(|g| *g += 1);
-    let end = (&mut closed_rx).await.ok().flatten();
+    let mut sleeper = Sleeper::default();
+    let end = loop {
+        let recheck = sleeper.covered;
+        tokio::select! {
+            end = &mut closed_rx => break end.ok().flatten(),
+            _ = notified.notified() => {
+                if let Err(e) = sleeper.wake(&client, stats).await {
+                    break Some(e.to_string());
+                }
+            }
+            _ = idle.all_idle.notified() => {
+                if let Err(e) = sleeper.sleep(&client, idle, wake, stats).await {
+                    break Some(e.to_string());
+                }
+            }
+            _ = tokio::time::sleep(WAKE_LOCK_RECHECK), if recheck => {
+                if let Err(e) = sleeper.sleep(&client, idle, wake, stats).await {
+                    break Some(e.to_string());
+                }
+            }
+        }
+    };
+    stats.asleep.store(false, Ordering::Relaxed);
     drop(client);
     let _ = driver.await;
     Ok(end.unwrap_or_else(|| "closed by the server".into()))
+}
+
+/// Does a relay other than this session hold or wait for the wake lock?
+const WAKE_LOCK_TAKEN_ELSEWHERE: &str = "
+SELECT EXISTS (
+    SELECT 1 FROM pg_locks
+    WHERE locktype = 'advisory' AND mode = 'ExclusiveLock'
+      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+      AND classid::bigint = $1 AND objid::bigint = $2 AND objsubid = 2
+      AND pid <> pg_backend_pid())";
+
+/// The LISTEN session's side of the wake lock.
+#[derive(Default)]
+struct Sleeper {
+    /// This session holds the wake lock: producers notify.
+    holds: bool,
+    /// Another relay holds or waits for it: this one sleeps without it and
+    /// checks every WAKE_LOCK_RECHECK that the other is still there.
+    covered: bool,
+}
+
+impl Sleeper {
+    /// A notification arrived (the workers are already woken): let go of
+    /// the lock so that producers stop notifying while the relay drains.
+    async fn wake(&mut self, client: &tokio_postgres::Client, stats: &RelayStats) -> Result<()> {
+        self.covered = false;
+        if self.holds {
+            self.holds = false;
+            stats.asleep.store(false, Ordering::Relaxed);
+            client
+                .query_one(
+                    "SELECT pg_advisory_unlock($1, $2)",
+                    &[&WAKE_LOCK.0, &WAKE_LOCK.1],
+                )
+                .await
+                .context("letting go of the relay wake lock")?;
+        }
+        Ok(())
+    }
+
+    /// Every drain worker is idle: take the wake lock, then have the workers
+    /// sweep once more, since producers that held it shared did not notify.
+    async fn sleep(
+        &mut self,
+        client: &tokio_postgres::Client,
+        idle: &Idle,
+        wake: &watch::Sender<u64>,
+        stats: &RelayStats,
+    ) -> Result<()> {
+        if self.holds || idle.busy.load(Ordering::SeqCst) > 0 {
+            return Ok(());
+        }
+        let key = [
+            &WAKE_LOCK.0 as &(dyn tokio_postgres::types::ToSql + Sync),
+            &WAKE_LOCK.1,
+        ];
+        let got: bool = client
+            .query_one("SELECT pg_try_advisory_lock($1, $2)", &key)
+            .await
+            .context("taking the relay wake lock")?
+            .get(0);
+        if !got {
+            let elsewhere: bool = client
+                .query_one(
+                    WAKE_LOCK_TAKEN_ELSEWHERE,
+                    &[&i64::from(WAKE_LOCK.0), &i64::from(WAKE_LOCK.1)],
+                )
+                .await
+                .context("looking for the relay holding the wake lock")?
+                .get(0);
+            // Another relay sleeps (or is about to): producers notify it,
+            // and every relay hears the notification.
+            self.covered = elsewhere;
+            if elsewhere {
+                return Ok(());
+            }
+            // Producers hold it shared: wait for their commits, briefly.
+            match client
+                .query_one("SELECT pg_advisory_lock($1, $2)", &key)
+                .await
+            {
+                Ok(_) => {}
+                Err(e)
+                    if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) =>
+                {
+                    // A producer transaction stays open. Sweep now (what it
+                    // holds back is not committed, and those who found the
+                    // lock asked for have notified), and try again when idle.
+                    wake.send_modify(|g| *g += 1);
+                    return Ok(());
+                }
+                Err(e) => return Err(e).context("waiting for the relay wake lock"),
+            }
+        }
+        self.holds = true;
+        self.covered = false;
+        stats.sleeps.fetch_add(1, Ordering::Relaxed);
+        stats.asleep.store(true, Ordering::Relaxed);
+        wake.send_modify(|g| *g += 1);
+        Ok(())
+    }
 }
 
 struct Drainer {
@@ -345,6 +523,7 @@ impl Drainer {
         self: Arc<Self>,
         n: usize,
         mut wake: watch::Receiver<u64>,
+        idle: Arc<Idle>,
         shutdown: CancellationToken,
     ) {
         let relay = &self.config.relay;
@@ -383,6 +562,7 @@ impl Drainer {
             } else {
                 relay.poll_interval
             };
+            idle.idle();
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 changed = wake.changed(), if !failed => {
@@ -392,6 +572,7 @@ impl Drainer {
                 }
                 _ = tokio::time::sleep(pause) => {}
             }
+            idle.busy();
         }
     }
 

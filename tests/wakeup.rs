@@ -1,0 +1,279 @@
+//! The outbox trigger notifies only while a relay sleeps (it holds the wake
+//! lock); a draining relay sweeps before it sleeps. These tests run relays
+//! whose safety sweep (`poll_interval`) is an hour away, so an event whose
+//! producer neither notified nor was swept would never arrive in time.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::TestDb;
+use futures_util::future::poll_fn;
+use herald::relay::{CHANNEL, WAKE_LOCK};
+use herald::Event;
+use serde_json::json;
+use tokio_postgres::AsyncMessage;
+
+const NEVER: Duration = Duration::from_secs(3600);
+const PROMPT: Duration = Duration::from_secs(2);
+
+async fn db_without_safety_sweep() -> TestDb {
+    TestDb::with(|c| c.relay.poll_interval = NEVER).await
+}
+
+/// A LISTEN session on the outbox channel whose notifications are counted.
+async fn listener(
+    db: &TestDb,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    let pg: tokio_postgres::Config = db.config.database_url.parse().unwrap();
+    let (client, mut connection) = pg.connect(tokio_postgres::NoTls).await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = poll_fn(|cx| connection.poll_message(cx)).await {
+            if let AsyncMessage::Notification(_) = message {
+                let _ = tx.send(());
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN {CHANNEL}"))
+        .await
+        .unwrap();
+    (client, rx)
+}
+
+async fn publish(client: &(impl tokio_postgres::GenericClient + Sync), seq: i64) {
+    herald::publish(
+        client,
+        &Event::new("test.wake", &json!({"seq": seq})).unwrap(),
+    )
+    .await
+    .unwrap();
+}
+
+/// How many notifications arrive within `within`.
+async fn notifications(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<()>,
+    within: Duration,
+) -> usize {
+    let deadline = Instant::now() + within;
+    let mut n = 0;
+    while let Ok(Some(())) = tokio::time::timeout(
+        deadline.saturating_duration_since(Instant::now()),
+        rx.recv(),
+    )
+    .await
+    {
+        n += 1;
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn producers_notify_only_while_a_relay_holds_the_wake_lock() {
+    let db = TestDb::new().await;
+    let (_listen, mut rx) = listener(&db).await;
+    let producer = db.client().await;
+
+    // Nobody sleeps: the commit holds the lock shared and sends nothing.
+    publish(&producer, 1).await;
+    assert_eq!(notifications(&mut rx, Duration::from_millis(300)).await, 0);
+
+    // Inside the transaction the lock is held shared until the end.
+    producer.batch_execute("BEGIN").await.unwrap();
+    publish(&producer, 2).await;
+    let shared: i64 = producer
+        .query_one(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()
+               AND mode = 'ShareLock' AND classid::bigint = $1 AND objid::bigint = $2",
+            &[&i64::from(WAKE_LOCK.0), &i64::from(WAKE_LOCK.1)],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(shared, 1, "the producer holds the wake lock shared");
+    producer.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(notifications(&mut rx, Duration::from_millis(300)).await, 0);
+
+    // A session holding the lock as a sleeping relay does: every commit
+    // notifies, and a rolled-back one does not.
+    let sleeper = db.client().await;
+    sleeper
+        .execute(
+            "SELECT pg_advisory_lock($1, $2)",
+            &[&WAKE_LOCK.0, &WAKE_LOCK.1],
+        )
+        .await
+        .unwrap();
+    publish(&producer, 3).await;
+    publish(&producer, 4).await;
+    producer.batch_execute("BEGIN").await.unwrap();
+    publish(&producer, 5).await;
+    producer.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(notifications(&mut rx, Duration::from_millis(500)).await, 2);
+
+    // The relay's exclusive request waits for a producer holding it shared.
+    sleeper
+        .execute(
+            "SELECT pg_advisory_unlock($1, $2)",
+            &[&WAKE_LOCK.0, &WAKE_LOCK.1],
+        )
+        .await
+        .unwrap();
+    producer.batch_execute("BEGIN").await.unwrap();
+    publish(&producer, 6).await;
+    let got: bool = sleeper
+        .query_one(
+            "SELECT pg_try_advisory_lock($1, $2)",
+            &[&WAKE_LOCK.0, &WAKE_LOCK.1],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        !got,
+        "an open producer transaction keeps the relay from sleeping"
+    );
+    producer.batch_execute("COMMIT").await.unwrap();
+    let got: bool = sleeper
+        .query_one(
+            "SELECT pg_try_advisory_lock($1, $2)",
+            &[&WAKE_LOCK.0, &WAKE_LOCK.1],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(got, "its commit lets the relay sleep");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_event_arrives_promptly_as_the_relay_goes_to_sleep_and_wakes() {
+    const PRODUCERS: i64 = 4;
+    const PER_PRODUCER: i64 = 300;
+    let db = db_without_safety_sweep().await;
+    let mut collector = db.collector().await;
+    let relay = db.relay();
+    // Irregular gaps (0 to 3 ms) put commits at every point of the relay's
+    // drain → sleep → wake cycle.
+    let mut producers = tokio::task::JoinSet::new();
+    for p in 0..PRODUCERS {
+        let config = db.config.clone();
+        producers.spawn(async move {
+            let client = herald::db::connect(&config, "herald-test").await.unwrap();
+            for i in 0..PER_PRODUCER {
+                publish(&client, p * PER_PRODUCER + i).await;
+                let gap = (i * 7 + p * 13) % 4;
+                tokio::time::sleep(Duration::from_millis(gap as u64)).await;
+            }
+        });
+    }
+    while let Some(done) = producers.join_next().await {
+        done.unwrap();
+    }
+    let total = (PRODUCERS * PER_PRODUCER) as usize;
+    assert!(
+        collector.distinct(total, PROMPT).await,
+        "all {total} events arrive within {PROMPT:?} of the last commit, got {}",
+        collector.distinct_ids()
+    );
+    let sleeps = relay
+        .stats
+        .sleeps
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(sleeps > 0, "the relay slept between bursts");
+
+    // One more event after a quiet spell: the relay is asleep and is woken.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    publish(&db.client().await, -1).await;
+    assert!(
+        collector.distinct(total + 1, PROMPT).await,
+        "the event after the quiet spell arrives"
+    );
+    relay.stop().await;
+    assert_eq!(db.count("SELECT count(*) FROM herald.outbox").await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_open_producer_transaction_holds_back_only_its_own_event() {
+    let db = db_without_safety_sweep().await;
+    let mut collector = db.collector().await;
+    // The open transaction holds the wake lock shared from before the relay
+    // starts, so the relay cannot take it to sleep.
+    let mut open = db.client().await;
+    let tx = open.transaction().await.unwrap();
+    publish(&tx, 0).await;
+    let relay = db.relay();
+    let other = db.client().await;
+    for seq in 1..=3 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        publish(&other, seq).await;
+        assert!(
+            collector.distinct(seq as usize, PROMPT).await,
+            "event {seq} arrives while another producer's transaction is open"
+        );
+    }
+    // Quiet: no notification is pending when the transaction commits, so
+    // only the relay's sweep after it took the lock can find the event.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tx.commit().await.unwrap();
+    assert!(
+        collector.distinct(4, PROMPT).await,
+        "the long transaction's event arrives once it commits"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_relay_takes_over_the_wake_lock_when_the_sleeper_stops() {
+    let db = db_without_safety_sweep().await;
+    let mut collector = db.collector().await;
+    let relays = [db.relay(), db.relay()];
+    let producer = db.client().await;
+    for seq in 0..20 {
+        publish(&producer, seq).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        collector.distinct(20, PROMPT).await,
+        "both relays running: all arrive"
+    );
+    // Whichever relay sleeps with the lock, stop it; the other must take the
+    // lock over (it checks every second) and be woken from then on.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let holder: i32 = producer
+        .query_one(
+            "SELECT count(*)::int FROM pg_locks WHERE locktype = 'advisory' AND granted
+               AND mode = 'ExclusiveLock' AND classid::bigint = $1 AND objid::bigint = $2",
+            &[&i64::from(WAKE_LOCK.0), &i64::from(WAKE_LOCK.1)],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(holder, 1, "one relay sleeps with the wake lock");
+    let asleep = |r: &common::RelayTask| r.stats.asleep.load(std::sync::atomic::Ordering::Relaxed);
+    let [a, b] = relays;
+    let (sleeper, other) = if asleep(&a) { (a, b) } else { (b, a) };
+    assert!(
+        asleep(&sleeper) && !asleep(&other),
+        "exactly one relay holds it"
+    );
+    sleeper.stop().await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for seq in 20..30 {
+        publish(&producer, seq).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        collector.distinct(30, PROMPT).await,
+        "with one relay left, events still arrive promptly, got {}",
+        collector.distinct_ids()
+    );
+    assert!(
+        asleep(&other),
+        "the remaining relay took the wake lock over"
+    );
+    other.stop().await;
+}
