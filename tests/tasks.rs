@@ -1544,6 +1544,96 @@ async fn batch_enqueue_returns_ids_in_order_and_holders_for_held_keys() {
         .is_empty());
 }
 
+/// A bulk batch of plain tasks (no unique key, delay, run_at or timeout)
+/// goes in by binary COPY: same rows, same ids in input order, inside the
+/// caller's transaction.
+#[tokio::test(flavor = "multi_thread")]
+async fn plain_batches_go_in_by_copy_inside_the_callers_transaction() {
+    const N: usize = 500;
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    let tasks: Vec<Task> = (0..N)
+        .map(|i| {
+            task("test.copy", json!({ "i": i, "text": "quote \" and é" }))
+                .queue(if i % 2 == 0 { "even" } else { "odd" })
+                .priority(i as i32 % 3)
+                .max_attempts(7)
+                .header("tenant", "acme")
+        })
+        .collect();
+
+    let tx = client.transaction().await.unwrap();
+    let ids = herald::enqueue_batch(&tx, &tasks).await.unwrap();
+    assert_eq!(ids.len(), N);
+    assert_eq!(
+        count(tx.client(), "SELECT count(*) FROM herald.tasks").await,
+        N as i64,
+        "the transaction sees its rows"
+    );
+    tx.rollback().await.unwrap();
+    assert_eq!(count(&client, "SELECT count(*) FROM herald.tasks").await, 0);
+
+    let tx = client.transaction().await.unwrap();
+    let ids = herald::enqueue_batch(&tx, &tasks).await.unwrap();
+    let began: chrono::DateTime<chrono::Utc> =
+        tx.query_one("SELECT now()", &[]).await.unwrap().get(0);
+    tx.commit().await.unwrap();
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "ids ascend in input order"
+    );
+    let rows = client
+        .query(
+            "SELECT id, payload, queue, priority, max_attempts, headers->>'tenant', state, run_at,
+                    unique_key IS NULL AND timeout IS NULL AND attempts = 0
+             FROM herald.tasks ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), N);
+    for r in &rows {
+        let payload: Value = r.get(1);
+        let i = payload["i"].as_u64().unwrap() as usize;
+        assert_eq!(
+            r.get::<_, i64>(0),
+            ids[i],
+            "task {i} has the id returned at its position"
+        );
+        assert_eq!(payload["text"], "quote \" and é");
+        assert_eq!(
+            r.get::<_, String>(2),
+            if i % 2 == 0 { "even" } else { "odd" }
+        );
+        assert_eq!(r.get::<_, i32>(3), i as i32 % 3);
+        assert_eq!(r.get::<_, i32>(4), 7);
+        assert_eq!(r.get::<_, Option<String>>(5).as_deref(), Some("acme"));
+        assert_eq!(r.get::<_, String>(6), "ready");
+        assert_eq!(
+            r.get::<_, chrono::DateTime<chrono::Utc>>(7),
+            began,
+            "run_at is the database's now()"
+        );
+        assert!(r.get::<_, bool>(8));
+    }
+    // A batch with one delayed task takes the INSERT path and still works.
+    let mut mixed: Vec<Task> = (0..100)
+        .map(|i| task("test.copy", json!({ "j": i })))
+        .collect();
+    mixed[50] = task("test.copy", json!({ "j": 50 })).delay(Duration::from_secs(60));
+    let mixed_ids = herald::enqueue_batch(&client, &mixed).await.unwrap();
+    assert!(mixed_ids.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(
+        count_id(
+            &client,
+            "SELECT count(*) FROM herald.tasks WHERE id = $1 AND run_at > now() + interval '50 seconds'",
+            mixed_ids[50]
+        )
+        .await,
+        1
+    );
+}
+
 async fn explode(_ctx: TaskContext, _payload: Value) -> anyhow::Result<()> {
     panic!("handler exploded on purpose")
 }
