@@ -41,10 +41,13 @@ pub const PARTITION_LOCK_SPACE: i32 = 0x6865_7261;
 /// notifies only when it cannot take it shared, that is while a relay sleeps
 /// or is about to; otherwise it holds it shared until its commit.
 pub const WAKE_LOCK: (i32, i32) = (0x6865_7277, 1);
-/// How long a relay going to sleep waits for producers that hold the wake
-/// lock shared (their commits) before it sweeps and tries again: a producer
-/// transaction left open must not keep notifications from being delivered.
-const WAKE_LOCK_WAIT: &str = "20ms";
+/// How long a relay going to sleep waits at most for producers that hold
+/// the wake lock shared (their commits) before it sweeps and tries again.
+/// The wait is on a session of its own, so notifications keep waking the
+/// drain workers meanwhile (producers notify while a relay waits for it).
+const WAKE_LOCK_WAIT: &str = "5s";
+/// `application_name` of the session that holds the wake lock.
+pub const WAKE_LOCK_APPLICATION_NAME: &str = "herald-relay-wake-lock";
 /// How often a relay that sleeps while another holds the wake lock checks
 /// that the other is still there (a relay killed in its sleep lets go).
 const WAKE_LOCK_RECHECK: Duration = Duration::from_secs(1);
@@ -109,6 +112,10 @@ SELECT id, topic, partition,
        (SELECT count(*) FROM fanned) AS fanned_out
 FROM claimed
 ORDER BY id";
+
+// For the claim's transaction: its fan-out INSERT leaves herald_tasks'
+// NOTIFY to the relay (sql/V8__relay_fan_out_notifies_once.sql).
+const QUIET_TASKS_TRIGGER: &str = "SET LOCAL herald.relay_fan_out = on";
 
 // Record a failed publish on the rows. $3 says whether it counts as an
 // attempt: only when Redis answered and refused, never for an outage.
@@ -364,11 +371,27 @@ async fn listen_once(
         let _ = closed_tx.send(end);
     });
     client
-        .batch_execute(&format!(
-            "LISTEN {CHANNEL}; SET lock_timeout = '{WAKE_LOCK_WAIT}'"
-        ))
+        .batch_execute(&format!("LISTEN {CHANNEL}"))
         .await
         .context("LISTEN herald_outbox")?;
+    // The wake lock lives on a second session: waiting for it must not hold
+    // back the notifications, which the server sends only to an idle session.
+    let (lock_client, lock_connection) = crate::db::pg_config(config, WAKE_LOCK_APPLICATION_NAME)?
+        .connect(NoTls)
+        .await
+        .context("opening the wake-lock connection")?;
+    let (lock_closed_tx, mut lock_closed_rx) = tokio::sync::oneshot::channel::<String>();
+    let lock_driver = tokio::spawn(async move {
+        let end = match lock_connection.await {
+            Ok(()) => "closed by the server".to_string(),
+            Err(e) => crate::error::describe_pg(&e),
+        };
+        let _ = lock_closed_tx.send(end);
+    });
+    lock_client
+        .batch_execute(&format!("SET lock_timeout = '{WAKE_LOCK_WAIT}'"))
+        .await
+        .context("setting up the wake-lock connection")?;
     if stats.listen_connects.fetch_add(1, Ordering::Relaxed) > 0 {
         crate::telemetry::reconnected("postgres", "relay");
     }
@@ -381,28 +404,32 @@ async fn listen_once(
     let mut sleeper = Sleeper::default();
     let end = loop {
         let recheck = sleeper.covered;
+        let step = async {
+            tokio::select! {
+                _ = notified.notified() => sleeper.wake(&lock_client, stats).await,
+                _ = idle.all_idle.notified() => sleeper.sleep(&lock_client, idle, wake, stats).await,
+                _ = tokio::time::sleep(WAKE_LOCK_RECHECK), if recheck => {
+                    sleeper.sleep(&lock_client, idle, wake, stats).await
+                }
+            }
+        };
+        // Either session ending ends both (the lock goes with its session,
+        // and a relay that lost it must not sleep as if it held it).
         tokio::select! {
             end = &mut closed_rx => break end.ok().flatten(),
-            _ = notified.notified() => {
-                if let Err(e) = sleeper.wake(&client, stats).await {
-                    break Some(e.to_string());
-                }
+            end = &mut lock_closed_rx => {
+                break Some(format!("wake-lock connection: {}", end.unwrap_or_default()))
             }
-            _ = idle.all_idle.notified() => {
-                if let Err(e) = sleeper.sleep(&client, idle, wake, stats).await {
-                    break Some(e.to_string());
-                }
-            }
-            _ = tokio::time::sleep(WAKE_LOCK_RECHECK), if recheck => {
-                if let Err(e) = sleeper.sleep(&client, idle, wake, stats).await {
-                    break Some(e.to_string());
-                }
+            done = step => if let Err(e) = done {
+                break Some(e.to_string());
             }
         }
     };
     stats.asleep.store(false, Ordering::Relaxed);
     drop(client);
+    drop(lock_client);
     let _ = driver.await;
+    let _ = lock_driver.await;
     Ok(end.unwrap_or_else(|| "closed by the server".into()))
 }
 
@@ -415,7 +442,7 @@ SELECT EXISTS (
       AND classid::bigint = $1 AND objid::bigint = $2 AND objsubid = 2
       AND pid <> pg_backend_pid())";
 
-/// The LISTEN session's side of the wake lock.
+/// The relay's side of the wake lock, held on its wake-lock session.
 #[derive(Default)]
 struct Sleeper {
     /// This session holds the wake lock: producers notify.
@@ -591,20 +618,29 @@ impl Drainer {
         let claim_started = Instant::now();
         // With nothing to check, the claim fans out to subscriptions itself.
         let checks = self.catalog.checks_anything();
-        let rows = tx
-            .query(
-                &claim,
-                &[
-                    &(relay.batch_size as i64),
-                    &relay.retain_published.is_some(),
-                    &offset,
-                    &PARTITION_LOCK_SPACE,
-                    &(relay.partitions_per_batch as i64),
-                    &!checks,
-                ],
-            )
-            .await
-            .context("claiming a batch from herald.outbox")?;
+        // The fan-out must not fire the tasks trigger's NOTIFY (sql/V8): the
+        // relay notifies itself when it inserted tasks. Sent in the same
+        // round trip as the claim (tokio-postgres pipelines them in order).
+        let (batch_size, retain, per_batch, fan_out_here) = (
+            relay.batch_size as i64,
+            relay.retain_published.is_some(),
+            relay.partitions_per_batch as i64,
+            !checks,
+        );
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] = [
+            &batch_size,
+            &retain,
+            &offset,
+            &PARTITION_LOCK_SPACE,
+            &per_batch,
+            &fan_out_here,
+        ];
+        let (quiet, rows) = tokio::join!(
+            tx.batch_execute(QUIET_TASKS_TRIGGER),
+            tx.query(&claim, &params)
+        );
+        quiet.context("setting herald.relay_fan_out")?;
+        let rows = rows.context("claiming a batch from herald.outbox")?;
         if rows.is_empty() {
             tx.commit().await.context("ending an empty claim")?;
             return Ok(0);
@@ -702,6 +738,11 @@ impl Drainer {
         span.record("herald.relay.fanned_out", tasks as i64);
         if tasks > 0 {
             metrics::counter!(metric::RELAY_FANNED_OUT).increment(tasks);
+            // The claim silenced the tasks trigger (herald.relay_fan_out);
+            // wake the workers at commit.
+            tx.batch_execute("NOTIFY herald_tasks")
+                .await
+                .context("notifying workers of fanned-out tasks")?;
         }
         let published =
             crate::pubsub::publish_all(&self.redis, &messages, self.config.redis.response_timeout)

@@ -277,3 +277,109 @@ async fn a_second_relay_takes_over_the_wake_lock_when_the_sleeper_stops() {
     );
     other.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_terminated_wake_lock_session_is_replaced_and_nothing_waits() {
+    let db = db_without_safety_sweep().await;
+    let mut collector = db.collector().await;
+    let relay = db.relay();
+    let producer = db.client().await;
+    publish(&producer, 0).await;
+    assert!(collector.distinct(1, PROMPT).await);
+    let asleep = || {
+        relay
+            .stats
+            .asleep
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let deadline = Instant::now() + PROMPT;
+    while !asleep() {
+        assert!(Instant::now() < deadline, "the relay goes to sleep");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The lock goes with its session: producers stop notifying at once.
+    let killed: i64 = producer
+        .query_one(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+               WHERE datname = current_database() AND application_name = $1) t",
+            &[&herald::relay::WAKE_LOCK_APPLICATION_NAME],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1);
+    publish(&producer, 1).await;
+    assert!(
+        collector.distinct(2, PROMPT).await,
+        "the event committed as the lock was lost arrives (the relay reconnects and sweeps)"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for seq in 2..5 {
+        publish(&producer, seq).await;
+        assert!(
+            collector.distinct(seq as usize + 1, PROMPT).await,
+            "event {seq} after the reconnect arrives"
+        );
+    }
+    assert!(
+        asleep()
+            || relay
+                .stats
+                .sleeps
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 2
+    );
+    relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn relay_batches_wake_workers_only_when_they_fan_tasks_out() {
+    let db = TestDb::new().await;
+    let mut collector = db.collector().await;
+    let pg: tokio_postgres::Config = db.config.database_url.parse().unwrap();
+    let (listen, mut connection) = pg.connect(tokio_postgres::NoTls).await.unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = poll_fn(|cx| connection.poll_message(cx)).await {
+            if let AsyncMessage::Notification(_) = message {
+                let _ = tx.send(());
+            }
+        }
+    });
+    listen.batch_execute("LISTEN herald_tasks").await.unwrap();
+    let relay = db.relay();
+    let producer = db.client().await;
+    for seq in 0..20 {
+        publish(&producer, seq).await;
+    }
+    assert!(collector.distinct(20, PROMPT).await);
+    assert_eq!(
+        notifications(&mut rx, Duration::from_millis(300)).await,
+        0,
+        "batches and sweeps without subscriptions notify no worker"
+    );
+    herald::subscriptions::upsert(
+        &producer,
+        &herald::subscriptions::Subscription::new("audit", "test.*"),
+        "api",
+    )
+    .await
+    .unwrap();
+    publish(&producer, 20).await;
+    assert!(collector.distinct(21, PROMPT).await);
+    assert!(
+        notifications(&mut rx, Duration::from_millis(500)).await >= 1,
+        "a batch that fanned a task out wakes the workers"
+    );
+    assert_eq!(
+        db.count("SELECT count(*) FROM herald.tasks").await,
+        1,
+        "one task for the one subscription"
+    );
+    // Producers enqueueing tasks still notify as before.
+    herald::enqueue(&producer, &herald::Task::new("test.k", &json!({})).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(notifications(&mut rx, Duration::from_millis(300)).await, 1);
+    relay.stop().await;
+}
