@@ -455,7 +455,10 @@ async fn run(config: &Config, which: Services) -> anyhow::Result<()> {
                 "Redis does not answer yet; the relay keeps events in the outbox and retries"
             );
         }
-        let relay = Relay::new(config, pool.clone(), redis.clone());
+        // A pool of its own (connections open on demand): the relay's
+        // claims never queue behind the workers' for a connection.
+        let relay_pool = crate::db::pool(config, "herald-relay")?;
+        let relay = Relay::new(config, relay_pool, redis.clone());
         let stats = relay.stats();
         readiness.listener("relay", move || stats.listening.load(Ordering::Relaxed));
         roles.push(crate::nodes::Role::Relay);

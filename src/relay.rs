@@ -114,8 +114,15 @@ FROM claimed
 ORDER BY id";
 
 // For the claim's transaction: its fan-out INSERT leaves herald_tasks'
-// NOTIFY to the relay (sql/V8__relay_fan_out_notifies_once.sql).
-const QUIET_TASKS_TRIGGER: &str = "SET LOCAL herald.relay_fan_out = on";
+// NOTIFY to the relay (sql/V8__relay_fan_out_notifies_once.sql), and its
+// commit does not wait for the WAL flush. A commit that a Postgres crash
+// loses takes the whole batch with it (deletes, archive rows, fanned-out
+// tasks): the events are still in the outbox and are published again, the
+// at-least-once redelivery a relay killed mid-batch already causes. Under
+// load the flush wait was most of a batch's cycle, and events arriving
+// meanwhile waited for it (O4).
+const CLAIM_SETTINGS: &str =
+    "SET LOCAL herald.relay_fan_out = on; SET LOCAL synchronous_commit = off";
 
 // Record a failed publish on the rows. $3 says whether it counts as an
 // attempt: only when Redis answered and refused, never for an outage.
@@ -618,9 +625,8 @@ impl Drainer {
         let claim_started = Instant::now();
         // With nothing to check, the claim fans out to subscriptions itself.
         let checks = self.catalog.checks_anything();
-        // The fan-out must not fire the tasks trigger's NOTIFY (sql/V8): the
-        // relay notifies itself when it inserted tasks. Sent in the same
-        // round trip as the claim (tokio-postgres pipelines them in order).
+        // CLAIM_SETTINGS go in the same round trip as the claim
+        // (tokio-postgres pipelines them in order).
         let (batch_size, retain, per_batch, fan_out_here) = (
             relay.batch_size as i64,
             relay.retain_published.is_some(),
@@ -635,11 +641,9 @@ impl Drainer {
             &per_batch,
             &fan_out_here,
         ];
-        let (quiet, rows) = tokio::join!(
-            tx.batch_execute(QUIET_TASKS_TRIGGER),
-            tx.query(&claim, &params)
-        );
-        quiet.context("setting herald.relay_fan_out")?;
+        let (quiet, rows) =
+            tokio::join!(tx.batch_execute(CLAIM_SETTINGS), tx.query(&claim, &params));
+        quiet.context("setting up the claim transaction")?;
         let rows = rows.context("claiming a batch from herald.outbox")?;
         if rows.is_empty() {
             tx.commit().await.context("ending an empty claim")?;
