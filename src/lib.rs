@@ -9,6 +9,7 @@
 //! - [`migrate`]: the schema in `sql/`, applied with refinery.
 //! - [`queue`]: the `Task` builder and `enqueue` / `enqueue_batch`.
 //! - [`worker`]: the worker runtime that runs handlers for tasks.
+//! - [`wake`]: the wake lock, so that producers notify only sleeping consumers.
 //! - [`dlq`]: dead letters listed, replayed and purged.
 //! - [`events`]: the event catalog (schemas, delivery modes) and `Publisher`.
 //! - [`subscriptions`]: durable subscriptions and exactly-once handlers.
@@ -37,6 +38,7 @@ pub mod relay;
 pub mod stats;
 pub mod subscriptions;
 pub mod telemetry;
+pub mod wake;
 pub mod webhook;
 pub mod worker;
 

@@ -36,21 +36,14 @@ pub const CHANNEL: &str = "herald_outbox";
 /// First key of the transaction-level advisory locks that give one
 /// transaction at a time a partition ("hera" in ASCII).
 pub const PARTITION_LOCK_SPACE: i32 = 0x6865_7261;
-/// The advisory lock ("herw", 1) a sleeping relay holds exclusively on its
-/// LISTEN session. The outbox trigger (sql/V6__wake_idle_relays_only.sql)
+/// The wake lock ("herw", 1) a sleeping relay holds exclusively on its
+/// wake-lock session. The outbox trigger (sql/V6__wake_idle_relays_only.sql)
 /// notifies only when it cannot take it shared, that is while a relay sleeps
-/// or is about to; otherwise it holds it shared until its commit.
-pub const WAKE_LOCK: (i32, i32) = (0x6865_7277, 1);
-/// How long a relay going to sleep waits at most for producers that hold
-/// the wake lock shared (their commits) before it sweeps and tries again.
-/// The wait is on a session of its own, so notifications keep waking the
-/// drain workers meanwhile (producers notify while a relay waits for it).
-const WAKE_LOCK_WAIT: &str = "5s";
+/// or is about to; otherwise it holds it shared until its commit. See
+/// [`crate::wake`].
+pub const WAKE_LOCK: (i32, i32) = (crate::wake::WAKE_LOCK_SPACE, 1);
 /// `application_name` of the session that holds the wake lock.
 pub const WAKE_LOCK_APPLICATION_NAME: &str = "herald-relay-wake-lock";
-/// How often a relay that sleeps while another holds the wake lock checks
-/// that the other is still there (a relay killed in its sleep lets go).
-const WAKE_LOCK_RECHECK: Duration = Duration::from_secs(1);
 /// `application_name` of the LISTEN connection, to find it in pg_stat_activity.
 pub const LISTEN_APPLICATION_NAME: &str = "herald-relay-listen";
 /// How often the archive's old partitions are dropped.
@@ -201,25 +194,6 @@ pub struct RelayStats {
     pub asleep: std::sync::atomic::AtomicBool,
 }
 
-/// What the drain workers tell the LISTEN session: how many of them are
-/// draining, and a signal when the last one found nothing to claim.
-#[derive(Default)]
-struct Idle {
-    busy: std::sync::atomic::AtomicUsize,
-    all_idle: tokio::sync::Notify,
-}
-
-impl Idle {
-    fn busy(&self) {
-        self.busy.fetch_add(1, Ordering::SeqCst);
-    }
-    fn idle(&self) {
-        if self.busy.fetch_sub(1, Ordering::SeqCst) == 1 {
-            self.all_idle.notify_one();
-        }
-    }
-}
-
 pub struct Relay {
     config: Config,
     pool: Pool,
@@ -254,9 +228,7 @@ impl Relay {
         }
         let (wake_tx, wake_rx) = watch::channel(0u64);
         let wake_tx = Arc::new(wake_tx);
-        let idle = Arc::new(Idle::default());
-        idle.busy
-            .store(self.config.relay.concurrency, Ordering::SeqCst);
+        let idle = Arc::new(crate::wake::Idle::new(self.config.relay.concurrency));
         let listener = tokio::spawn(listen(
             self.config.clone(),
             wake_tx.clone(),
@@ -309,7 +281,7 @@ impl Relay {
 async fn listen(
     config: Config,
     wake: Arc<watch::Sender<u64>>,
-    idle: Arc<Idle>,
+    idle: Arc<crate::wake::Idle>,
     stats: Arc<RelayStats>,
     shutdown: CancellationToken,
 ) {
@@ -347,7 +319,7 @@ async fn listen(
 async fn listen_once(
     config: &Config,
     wake: &watch::Sender<u64>,
-    idle: &Idle,
+    idle: &crate::wake::Idle,
     stats: &RelayStats,
 ) -> Result<String> {
     let pg = crate::db::pg_config(config, LISTEN_APPLICATION_NAME)?;
@@ -355,7 +327,7 @@ async fn listen_once(
         .connect(NoTls)
         .await
         .context("opening the LISTEN connection")?;
-    let (closed_tx, mut closed_rx) = tokio::sync::oneshot::channel::<Option<String>>();
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<Option<String>>();
     let notified = Arc::new(tokio::sync::Notify::new());
     let (wake_driver, notified_driver) = (wake.clone(), notified.clone());
     // The connection is driven here rather than spawned as a plain future so
@@ -383,22 +355,8 @@ async fn listen_once(
         .context("LISTEN herald_outbox")?;
     // The wake lock lives on a second session: waiting for it must not hold
     // back the notifications, which the server sends only to an idle session.
-    let (lock_client, lock_connection) = crate::db::pg_config(config, WAKE_LOCK_APPLICATION_NAME)?
-        .connect(NoTls)
-        .await
-        .context("opening the wake-lock connection")?;
-    let (lock_closed_tx, mut lock_closed_rx) = tokio::sync::oneshot::channel::<String>();
-    let lock_driver = tokio::spawn(async move {
-        let end = match lock_connection.await {
-            Ok(()) => "closed by the server".to_string(),
-            Err(e) => crate::error::describe_pg(&e),
-        };
-        let _ = lock_closed_tx.send(end);
-    });
-    lock_client
-        .batch_execute(&format!("SET lock_timeout = '{WAKE_LOCK_WAIT}'"))
-        .await
-        .context("setting up the wake-lock connection")?;
+    let lock =
+        crate::wake::WakeLock::open(config, WAKE_LOCK_APPLICATION_NAME, WAKE_LOCK, true).await?;
     if stats.listen_connects.fetch_add(1, Ordering::Relaxed) > 0 {
         crate::telemetry::reconnected("postgres", "relay");
     }
@@ -408,137 +366,17 @@ async fn listen_once(
     // found by the sweep, anything after sends a notification or is found
     // by the sweep after the wake lock.
     wake.send_modify(|g| *g += 1);
-    let mut sleeper = Sleeper::default();
-    let end = loop {
-        let recheck = sleeper.covered;
-        let step = async {
-            tokio::select! {
-                _ = notified.notified() => sleeper.wake(&lock_client, stats).await,
-                _ = idle.all_idle.notified() => sleeper.sleep(&lock_client, idle, wake, stats).await,
-                _ = tokio::time::sleep(WAKE_LOCK_RECHECK), if recheck => {
-                    sleeper.sleep(&lock_client, idle, wake, stats).await
-                }
-            }
-        };
-        // Either session ending ends both (the lock goes with its session,
-        // and a relay that lost it must not sleep as if it held it).
-        tokio::select! {
-            end = &mut closed_rx => break end.ok().flatten(),
-            end = &mut lock_closed_rx => {
-                break Some(format!("wake-lock connection: {}", end.unwrap_or_default()))
-            }
-            done = step => if let Err(e) = done {
-                break Some(e.to_string());
-            }
-        }
+    let listen_closed = async move { closed_rx.await.ok().flatten() };
+    let gauges = crate::wake::Gauges {
+        sleeps: &stats.sleeps,
+        asleep: &stats.asleep,
     };
-    stats.asleep.store(false, Ordering::Relaxed);
+    let end = lock
+        .serve(Box::pin(listen_closed), &notified, idle, wake, gauges)
+        .await;
     drop(client);
-    drop(lock_client);
     let _ = driver.await;
-    let _ = lock_driver.await;
     Ok(end.unwrap_or_else(|| "closed by the server".into()))
-}
-
-/// Does a relay other than this session hold or wait for the wake lock?
-const WAKE_LOCK_TAKEN_ELSEWHERE: &str = "
-SELECT EXISTS (
-    SELECT 1 FROM pg_locks
-    WHERE locktype = 'advisory' AND mode = 'ExclusiveLock'
-      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-      AND classid::bigint = $1 AND objid::bigint = $2 AND objsubid = 2
-      AND pid <> pg_backend_pid())";
-
-/// The relay's side of the wake lock, held on its wake-lock session.
-#[derive(Default)]
-struct Sleeper {
-    /// This session holds the wake lock: producers notify.
-    holds: bool,
-    /// Another relay holds or waits for it: this one sleeps without it and
-    /// checks every WAKE_LOCK_RECHECK that the other is still there.
-    covered: bool,
-}
-
-impl Sleeper {
-    /// A notification arrived (the workers are already woken): let go of
-    /// the lock so that producers stop notifying while the relay drains.
-    async fn wake(&mut self, client: &tokio_postgres::Client, stats: &RelayStats) -> Result<()> {
-        self.covered = false;
-        if self.holds {
-            self.holds = false;
-            stats.asleep.store(false, Ordering::Relaxed);
-            client
-                .query_one(
-                    "SELECT pg_advisory_unlock($1, $2)",
-                    &[&WAKE_LOCK.0, &WAKE_LOCK.1],
-                )
-                .await
-                .context("letting go of the relay wake lock")?;
-        }
-        Ok(())
-    }
-
-    /// Every drain worker is idle: take the wake lock, then have the workers
-    /// sweep once more, since producers that held it shared did not notify.
-    async fn sleep(
-        &mut self,
-        client: &tokio_postgres::Client,
-        idle: &Idle,
-        wake: &watch::Sender<u64>,
-        stats: &RelayStats,
-    ) -> Result<()> {
-        if self.holds || idle.busy.load(Ordering::SeqCst) > 0 {
-            return Ok(());
-        }
-        let key = [
-            &WAKE_LOCK.0 as &(dyn tokio_postgres::types::ToSql + Sync),
-            &WAKE_LOCK.1,
-        ];
-        let got: bool = client
-            .query_one("SELECT pg_try_advisory_lock($1, $2)", &key)
-            .await
-            .context("taking the relay wake lock")?
-            .get(0);
-        if !got {
-            let elsewhere: bool = client
-                .query_one(
-                    WAKE_LOCK_TAKEN_ELSEWHERE,
-                    &[&i64::from(WAKE_LOCK.0), &i64::from(WAKE_LOCK.1)],
-                )
-                .await
-                .context("looking for the relay holding the wake lock")?
-                .get(0);
-            // Another relay sleeps (or is about to): producers notify it,
-            // and every relay hears the notification.
-            self.covered = elsewhere;
-            if elsewhere {
-                return Ok(());
-            }
-            // Producers hold it shared: wait for their commits, briefly.
-            match client
-                .query_one("SELECT pg_advisory_lock($1, $2)", &key)
-                .await
-            {
-                Ok(_) => {}
-                Err(e)
-                    if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) =>
-                {
-                    // A producer transaction stays open. Sweep now (what it
-                    // holds back is not committed, and those who found the
-                    // lock asked for have notified), and try again when idle.
-                    wake.send_modify(|g| *g += 1);
-                    return Ok(());
-                }
-                Err(e) => return Err(e).context("waiting for the relay wake lock"),
-            }
-        }
-        self.holds = true;
-        self.covered = false;
-        stats.sleeps.fetch_add(1, Ordering::Relaxed);
-        stats.asleep.store(true, Ordering::Relaxed);
-        wake.send_modify(|g| *g += 1);
-        Ok(())
-    }
 }
 
 struct Drainer {
@@ -557,7 +395,7 @@ impl Drainer {
         self: Arc<Self>,
         n: usize,
         mut wake: watch::Receiver<u64>,
-        idle: Arc<Idle>,
+        idle: Arc<crate::wake::Idle>,
         shutdown: CancellationToken,
     ) {
         let relay = &self.config.relay;

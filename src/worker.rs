@@ -39,6 +39,11 @@ use tracing::Instrument;
 
 /// `application_name` of the worker's LISTEN connection.
 pub const LISTEN_APPLICATION_NAME: &str = "herald-worker-listen";
+/// The wake lock ("herw", 2) an idle worker holds while it sleeps; the tasks
+/// trigger (sql/V9) notifies only then. See [`crate::wake`].
+pub const WAKE_LOCK: (i32, i32) = (crate::wake::WAKE_LOCK_SPACE, 2);
+/// `application_name` of the session that holds it.
+pub const WAKE_LOCK_APPLICATION_NAME: &str = "herald-worker-wake-lock";
 
 /// What a handler asks for besides plain success (`Ok(())`).
 #[derive(Debug, Clone, PartialEq)]
@@ -431,6 +436,10 @@ pub struct WorkerStats {
     pub rescued: std::sync::atomic::AtomicU64,
     /// Whether the LISTEN connection is up now (`/readyz`).
     pub listening: std::sync::atomic::AtomicBool,
+    /// Times this worker took the wake lock to sleep.
+    pub sleeps: std::sync::atomic::AtomicU64,
+    /// Whether it holds the wake lock now (producers notify).
+    pub asleep: std::sync::atomic::AtomicBool,
 }
 
 struct Shared {
@@ -507,7 +516,13 @@ impl Worker {
         let (done_tx, done_rx) = mpsc::unbounded_channel::<Completion>();
         let services = CancellationToken::new();
 
-        let listener = tokio::spawn(listen(shared.clone(), wake_tx.clone(), services.clone()));
+        let idle = Arc::new(crate::wake::Idle::new(self.queues.len()));
+        let listener = tokio::spawn(listen(
+            shared.clone(),
+            wake_tx.clone(),
+            idle.clone(),
+            services.clone(),
+        ));
         let completer = tokio::spawn(complete(shared.clone(), done_rx));
         let heartbeat = tokio::spawn(heartbeat(shared.clone(), services.clone()));
         let rescuer = tokio::spawn(rescue(shared.clone(), services.clone()));
@@ -522,6 +537,7 @@ impl Worker {
                 queue,
                 sem,
                 wake_rx.clone(),
+                idle.clone(),
                 done_tx.clone(),
                 shutdown.clone(),
             )));
@@ -561,7 +577,12 @@ impl Worker {
 }
 
 /// LISTEN herald_tasks (wake producers) and herald_cancel (fire tokens).
-async fn listen(shared: Arc<Shared>, wake: Arc<watch::Sender<u64>>, stop: CancellationToken) {
+async fn listen(
+    shared: Arc<Shared>,
+    wake: Arc<watch::Sender<u64>>,
+    idle: Arc<crate::wake::Idle>,
+    stop: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(50);
     let mut sessions = 0u64;
     loop {
@@ -575,6 +596,8 @@ async fn listen(shared: Arc<Shared>, wake: Arc<watch::Sender<u64>>, stop: Cancel
             let (end_tx, end_rx) = tokio::sync::oneshot::channel::<String>();
             let shared2 = shared.clone();
             let wake2 = wake.clone();
+            let notified = Arc::new(tokio::sync::Notify::new());
+            let notified2 = notified.clone();
             tokio::spawn(async move {
                 let end = loop {
                     match poll_fn(|cx| connection.poll_message(cx)).await {
@@ -585,6 +608,7 @@ async fn listen(shared: Arc<Shared>, wake: Arc<watch::Sender<u64>>, stop: Cancel
                                 }
                             } else {
                                 wake2.send_modify(|g| *g += 1);
+                                notified2.notify_one();
                             }
                         }
                         Some(Ok(_)) => {}
@@ -606,9 +630,27 @@ async fn listen(shared: Arc<Shared>, wake: Arc<watch::Sender<u64>>, stop: Cancel
                 .stats
                 .listening
                 .store(true, std::sync::atomic::Ordering::Relaxed);
+            // The wake lock, on a session of its own (the LISTEN session
+            // must stay idle to receive notifications while it waits).
+            let lock = crate::wake::WakeLock::open(
+                &shared.config,
+                WAKE_LOCK_APPLICATION_NAME,
+                WAKE_LOCK,
+                false,
+            )
+            .await?;
             // Anything enqueued before LISTEN took effect is found now.
             wake.send_modify(|g| *g += 1);
-            let reason = end_rx.await.unwrap_or_else(|_| "driver ended".into());
+            let listen_closed =
+                async move { Some(end_rx.await.unwrap_or_else(|_| "driver ended".into())) };
+            let gauges = crate::wake::Gauges {
+                sleeps: &shared.stats.sleeps,
+                asleep: &shared.stats.asleep,
+            };
+            let reason = lock
+                .serve(Box::pin(listen_closed), &notified, &idle, &wake, gauges)
+                .await
+                .unwrap_or_else(|| "closed by the server".into());
             drop(client);
             Ok::<String, Error>(reason)
         };
@@ -688,6 +730,7 @@ async fn produce(
     queue: String,
     sem: Arc<Semaphore>,
     mut wake: watch::Receiver<u64>,
+    idle: Arc<crate::wake::Idle>,
     done: mpsc::UnboundedSender<Completion>,
     shutdown: CancellationToken,
 ) {
@@ -773,11 +816,13 @@ async fn produce(
             Ok(None) => {}
             Err(error) => tracing::warn!(%error, "finding the next due task failed"),
         }
+        idle.idle();
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = wake.changed() => {}
             _ = tokio::time::sleep(pause) => {}
         }
+        idle.busy();
     }
 }
 

@@ -376,10 +376,95 @@ async fn relay_batches_wake_workers_only_when_they_fan_tasks_out() {
         1,
         "one task for the one subscription"
     );
-    // Producers enqueueing tasks still notify as before.
+    // Task producers notify while a worker sleeps (holds the tasks' wake
+    // lock), and only then.
+    herald::enqueue(&producer, &herald::Task::new("test.k", &json!({})).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(notifications(&mut rx, Duration::from_millis(300)).await, 0);
+    let sleeper = db.client().await;
+    let key = herald::worker::WAKE_LOCK;
+    sleeper
+        .execute("SELECT pg_advisory_lock($1, $2)", &[&key.0, &key.1])
+        .await
+        .unwrap();
     herald::enqueue(&producer, &herald::Task::new("test.k", &json!({})).unwrap())
         .await
         .unwrap();
     assert_eq!(notifications(&mut rx, Duration::from_millis(300)).await, 1);
     relay.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_task_starts_promptly_as_the_worker_goes_to_sleep_and_wakes() {
+    const PRODUCERS: i64 = 4;
+    const PER_PRODUCER: i64 = 200;
+    let db = TestDb::with(|c| c.worker.poll_interval = NEVER).await;
+    let ran = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+    let mut registry = herald::worker::Registry::new();
+    let seen = ran.clone();
+    registry.register("test.wake", move |_ctx, p: serde_json::Value| {
+        let seen = seen.clone();
+        async move {
+            seen.lock().unwrap().insert(p["seq"].as_i64().unwrap_or(-1));
+            Ok(())
+        }
+    });
+    let worker = herald::worker::Worker::new(&db.config, db.pool(), registry);
+    let stats = worker.stats();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let handle = tokio::spawn(worker.run(stop.clone()));
+    // One producer transaction stays open from before the worker is idle:
+    // it holds the lock shared, so only the sweep after its commit finds it.
+    let mut open = db.client().await;
+    let tx = open.transaction().await.unwrap();
+    herald::enqueue(
+        &tx,
+        &herald::Task::new("test.wake", &json!({"seq": -1})).unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut producers = tokio::task::JoinSet::new();
+    for p in 0..PRODUCERS {
+        let config = db.config.clone();
+        producers.spawn(async move {
+            let client = herald::db::connect(&config, "herald-test").await.unwrap();
+            for i in 0..PER_PRODUCER {
+                let seq = p * PER_PRODUCER + i;
+                herald::enqueue(
+                    &client,
+                    &herald::Task::new("test.wake", &json!({"seq": seq})).unwrap(),
+                )
+                .await
+                .unwrap();
+                tokio::time::sleep(Duration::from_millis(((i * 7 + p * 13) % 4) as u64)).await;
+            }
+        });
+    }
+    while let Some(done) = producers.join_next().await {
+        done.unwrap();
+    }
+    let total = (PRODUCERS * PER_PRODUCER) as usize;
+    let deadline = Instant::now() + PROMPT;
+    while ran.lock().unwrap().len() < total {
+        assert!(
+            Instant::now() < deadline,
+            "all {total} tasks start within {PROMPT:?} of the last commit, got {}",
+            ran.lock().unwrap().len()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    tx.commit().await.unwrap();
+    let deadline = Instant::now() + PROMPT;
+    while !ran.lock().unwrap().contains(&-1) {
+        assert!(
+            Instant::now() < deadline,
+            "the long transaction's task runs once it commits"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(stats.sleeps.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    stop.cancel();
+    handle.await.unwrap().unwrap();
 }
