@@ -806,6 +806,9 @@ fn peak_rss_mib(pid: u32) -> Option<f64> {
 /// claim statement takes the task (before the handler starts) and when the
 /// completion deletes it (after the handler ended). The handler's start lies
 /// between the two latencies reported.
+/// `worker.concurrency` of O4's `herald run`.
+const O4_WORKER_CONCURRENCY: usize = 100;
+
 async fn o4(config: &Config, samples: &mut Samples) -> anyhow::Result<RunResult> {
     const SECS: u64 = 60;
     const RATE: u64 = 1000;
@@ -844,6 +847,12 @@ async fn o4(config: &Config, samples: &mut Samples) -> anyhow::Result<RunResult>
             ("HERALD_ADMIN_ENABLED", "true".into()),
             ("HERALD_ADMIN_BIND", "127.0.0.1:0".into()),
             ("HERALD_SCHEDULER_ENABLED", "true".into()),
+            // 1,000 tasks/s: the default 10 at once claims 10 per round
+            // trip and fell behind on two loaded cores.
+            (
+                "HERALD_WORKER_CONCURRENCY",
+                O4_WORKER_CONCURRENCY.to_string(),
+            ),
         ],
     )?;
     let pid = run.0.id().context("herald run has no pid")?;
