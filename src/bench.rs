@@ -642,19 +642,12 @@ async fn o3(config: &Config, samples: &mut Samples) -> anyhow::Result<RunResult>
             seq += 1;
         }
         let mut latencies: Vec<f64> = Vec::with_capacity(count as usize);
-        let mut negative = 0usize;
         let deadline = Instant::now() + Duration::from_secs(10);
         while latencies.len() < count as usize && Instant::now() < deadline {
             match tokio::time::timeout(Duration::from_secs(5), rx.recv()).await {
                 Ok(Some((s, at))) if s >= first && s < seq => {
                     if let Some(c) = committed.get(&s) {
-                        let ms = if at >= *c {
-                            (at - *c).as_secs_f64() * 1000.0
-                        } else {
-                            negative += 1;
-                            -((*c - at).as_secs_f64() * 1000.0)
-                        };
-                        latencies.push(ms);
+                        latencies.push(signed_ms(at, *c));
                     }
                 }
                 Ok(Some(_)) => {}
@@ -669,6 +662,7 @@ async fn o3(config: &Config, samples: &mut Samples) -> anyhow::Result<RunResult>
             );
         }
         add_samples(samples, &format!("O3 at {label}/s"), &latencies);
+        let negative = count_negative(&latencies);
         out.extend(latency_figures(
             &mut latencies,
             negative,
@@ -979,19 +973,11 @@ async fn o4(config: &Config, samples: &mut Samples) -> anyhow::Result<RunResult>
     }
     let mut out: RunResult = Vec::new();
     // Events: receive − commit return, as in O3.
-    let mut negative = 0usize;
     let mut event_ms: Vec<f64> = events
         .iter()
-        .filter_map(|(seq, c)| {
-            let at = received.get(seq)?;
-            Some(if at >= c {
-                (*at - *c).as_secs_f64() * 1000.0
-            } else {
-                negative += 1;
-                -((*c - *at).as_secs_f64() * 1000.0)
-            })
-        })
+        .filter_map(|(seq, c)| Some(signed_ms(*received.get(seq)?, *c)))
         .collect();
+    let negative = count_negative(&event_ms);
     let events_missing = events.len() - event_ms.len();
     add_samples(samples, "O4 events", &event_ms);
     out.extend(latency_figures(&mut event_ms, negative, "event_", ""));
@@ -1002,7 +988,7 @@ async fn o4(config: &Config, samples: &mut Samples) -> anyhow::Result<RunResult>
             .iter()
             .filter_map(|(seq, c)| Some((stamps.get(seq)? - c) * 1000.0))
             .collect();
-        let negative = ms.iter().filter(|v| **v < 0.0).count();
+        let negative = count_negative(&ms);
         if name == "claim" {
             out.push((
                 "tasks_missing".into(),
@@ -1266,21 +1252,27 @@ async fn q3(config: &Config, samples: &mut Samples) -> anyhow::Result<RunResult>
     if started.len() < N as usize {
         bail!("Q3: only {} of {N} tasks started", started.len());
     }
-    let mut negative = 0usize;
     let mut latencies: Vec<f64> = committed
         .iter()
-        .filter_map(|(seq, c)| {
-            let at = started.get(seq)?;
-            Some(if at >= c {
-                (*at - *c).as_secs_f64() * 1000.0
-            } else {
-                negative += 1;
-                -((*c - *at).as_secs_f64() * 1000.0)
-            })
-        })
+        .filter_map(|(seq, c)| Some(signed_ms(*started.get(seq)?, *c)))
         .collect();
+    let negative = count_negative(&latencies);
     add_samples(samples, "Q3 at 200/s", &latencies);
     Ok(latency_figures(&mut latencies, negative, "", ""))
+}
+
+/// `at − since` in milliseconds, negative when `at` came first (the spec
+/// keeps such samples).
+fn signed_ms(at: Instant, since: Instant) -> f64 {
+    if at >= since {
+        (at - since).as_secs_f64() * 1000.0
+    } else {
+        -((since - at).as_secs_f64() * 1000.0)
+    }
+}
+
+fn count_negative(ms: &[f64]) -> usize {
+    ms.iter().filter(|v| **v < 0.0).count()
 }
 
 /// p50, p95, p99, max (ms) and the count of negative samples, named
@@ -1391,7 +1383,7 @@ async fn c1(config: &Config) -> anyhow::Result<RunResult> {
     }
     lateness.sort_by(f64::total_cmp);
     let pct = |p: f64| lateness[((lateness.len() as f64 * p).ceil() as usize).saturating_sub(1)];
-    let negative = lateness.iter().filter(|l| **l < 0.0).count();
+    let negative = count_negative(&lateness);
     if created != TICKS || distinct != TICKS || duplicates != 0 {
         eprintln!(
             "C1: {created} tasks ({distinct} distinct ticks, {duplicates} duplicates) for {TICKS} ticks"

@@ -107,7 +107,7 @@ FROM claimed
 ORDER BY id";
 
 // For the claim's transaction: its fan-out INSERT leaves herald_tasks'
-// NOTIFY to the relay (sql/V8__relay_fan_out_notifies_once.sql), and its
+// NOTIFY to the relay (sql/V8__tasks_notify_only_when_needed.sql), and its
 // commit does not wait for the WAL flush. A commit that a Postgres crash
 // loses takes the whole batch with it (deletes, archive rows, fanned-out
 // tasks): the events are still in the outbox and are published again, the

@@ -4,7 +4,7 @@
 //! holds it through its WAL flush, so notifying producers commit one at a
 //! time. A consumer that is draining needs no notification: it claims again
 //! before it sleeps. So the insert triggers of `herald.outbox` (sql/V6) and
-//! `herald.tasks` (sql/V9) notify only when they cannot take a session-level
+//! `herald.tasks` (sql/V8) notify only when they cannot take a session-level
 //! advisory lock shared, and a consumer that is about to sleep takes that
 //! lock exclusively, then sweeps once more. A producer that took it shared
 //! holds it until its transaction ends, so the consumer's request waits for
@@ -49,7 +49,6 @@ SELECT EXISTS (
 
 /// What the claim loops tell the LISTEN task: how many of them are working,
 /// and a signal when the last one found nothing to claim.
-#[derive(Default)]
 pub(crate) struct Idle {
     busy: AtomicUsize,
     all_idle: Notify,

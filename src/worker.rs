@@ -40,7 +40,7 @@ use tracing::Instrument;
 /// `application_name` of the worker's LISTEN connection.
 pub const LISTEN_APPLICATION_NAME: &str = "herald-worker-listen";
 /// The wake lock ("herw", 2) an idle worker holds while it sleeps; the tasks
-/// trigger (sql/V9) notifies only then. See [`crate::wake`].
+/// trigger (sql/V8) notifies only then. See [`crate::wake`].
 pub const WAKE_LOCK: (i32, i32) = (crate::wake::WAKE_LOCK_SPACE, 2);
 /// `application_name` of the session that holds it.
 pub const WAKE_LOCK_APPLICATION_NAME: &str = "herald-worker-wake-lock";

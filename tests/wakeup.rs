@@ -21,9 +21,10 @@ async fn db_without_safety_sweep() -> TestDb {
     TestDb::with(|c| c.relay.poll_interval = NEVER).await
 }
 
-/// A LISTEN session on the outbox channel whose notifications are counted.
+/// A LISTEN session on `channel` whose notifications are counted.
 async fn listener(
     db: &TestDb,
+    channel: &str,
 ) -> (
     tokio_postgres::Client,
     tokio::sync::mpsc::UnboundedReceiver<()>,
@@ -39,7 +40,7 @@ async fn listener(
         }
     });
     client
-        .batch_execute(&format!("LISTEN {CHANNEL}"))
+        .batch_execute(&format!("LISTEN {channel}"))
         .await
         .unwrap();
     (client, rx)
@@ -75,7 +76,7 @@ async fn notifications(
 #[tokio::test(flavor = "multi_thread")]
 async fn producers_notify_only_while_a_relay_holds_the_wake_lock() {
     let db = TestDb::new().await;
-    let (_listen, mut rx) = listener(&db).await;
+    let (_listen, mut rx) = listener(&db, CHANNEL).await;
     let producer = db.client().await;
 
     // Nobody sleeps: the commit holds the lock shared and sends nothing.
@@ -336,17 +337,7 @@ async fn a_terminated_wake_lock_session_is_replaced_and_nothing_waits() {
 async fn relay_batches_wake_workers_only_when_they_fan_tasks_out() {
     let db = TestDb::new().await;
     let mut collector = db.collector().await;
-    let pg: tokio_postgres::Config = db.config.database_url.parse().unwrap();
-    let (listen, mut connection) = pg.connect(tokio_postgres::NoTls).await.unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some(Ok(message)) = poll_fn(|cx| connection.poll_message(cx)).await {
-            if let AsyncMessage::Notification(_) = message {
-                let _ = tx.send(());
-            }
-        }
-    });
-    listen.batch_execute("LISTEN herald_tasks").await.unwrap();
+    let (_listen, mut rx) = listener(&db, "herald_tasks").await;
     let relay = db.relay();
     let producer = db.client().await;
     for seq in 0..20 {
