@@ -425,6 +425,81 @@ async fn priority_then_run_at_decide_the_order_and_delayed_tasks_wait() {
     assert_eq!(count(&client, "SELECT count(*) FROM herald.tasks").await, 0);
 }
 
+/// While claims come back full, a worker claims from where the last one
+/// ended (the index entries before it are dead until VACUUM). Tasks that
+/// become ready before that point meanwhile must still be found soon: a
+/// higher priority, and a run_at in the past.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_draining_backlog_does_not_hide_tasks_that_sort_before_it() {
+    const BACKLOG: usize = 3000;
+    let db = TestDb::with(|c| {
+        fast(c);
+        c.worker.concurrency = 4;
+        c.worker.batch_size = 4;
+    })
+    .await;
+    let client = db.client().await;
+    let backlog: Vec<Task> = (0..BACKLOG)
+        .map(|i| task("test.drain", json!({ "name": format!("b{i}") })))
+        .collect();
+    herald::enqueue_batch(&client, &backlog).await.unwrap();
+
+    let order: Shared<String> = Arc::default();
+    let mut registry = Registry::new();
+    let o = order.clone();
+    registry.register("test.drain", move |_ctx: TaskContext, p: Value| {
+        let o = o.clone();
+        async move {
+            // At most 4 × 1,000 tasks/s: the backlog takes 750 ms at least.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            o.lock()
+                .unwrap()
+                .push(p["name"].as_str().unwrap_or_default().to_string());
+            Ok(())
+        }
+    });
+    let worker = WorkerTask::start(&db.config, registry);
+    let o = &order;
+    eventually(
+        Duration::from_secs(15),
+        "200 backlog tasks ran",
+        || async move { o.lock().unwrap().len() >= 200 },
+    )
+    .await;
+    herald::enqueue(
+        &client,
+        &task("test.drain", json!({"name": "urgent"})).priority(10),
+    )
+    .await
+    .unwrap();
+    let now: DateTime<Utc> = client.query_one("SELECT now()", &[]).await.unwrap().get(0);
+    herald::enqueue(
+        &client,
+        &task("test.drain", json!({"name": "overdue"})).run_at(now - chrono::Duration::hours(1)),
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(30), "every task ran", || async move {
+        o.lock().unwrap().len() == BACKLOG + 2
+    })
+    .await;
+    worker.stop().await;
+    let order = order.lock().unwrap().clone();
+    let at = |name: &str| order.iter().position(|n| n == name).expect("ran");
+    // Found by the next claim from the start of the index: one at least
+    // every 200 ms, 800 tasks at the most at this rate.
+    for name in ["urgent", "overdue"] {
+        assert!(
+            at(name) < 2000,
+            "{name} ran as task {} of {}: hidden behind the backlog",
+            at(name),
+            order.len()
+        );
+    }
+    let distinct: HashSet<&String> = order.iter().collect();
+    assert_eq!(distinct.len(), BACKLOG + 2, "each task ran once");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn failures_follow_the_retry_policy_into_dead_letters_and_replay_succeeds() {
     let db = TestDb::with(fast).await;
