@@ -50,29 +50,40 @@ pub const LISTEN_APPLICATION_NAME: &str = "herald-relay-listen";
 const ARCHIVE_MAINTENANCE_EVERY: Duration = Duration::from_secs(600);
 
 // Claim a batch: take up to $5 partitions that have due events and whose
-// transaction lock is free (CASE keeps the EXISTS check before the lock, so
-// empty partitions are never locked), delete their oldest $1 due rows,
-// archive them when $2, and return the envelopes in id order. The statement
-// runs in a transaction that commits only after Redis acknowledged them.
-// $3 rotates the starting partition so that every partition gets its turn.
+// transaction lock is free, delete their oldest $1 due rows, archive them
+// when $2, and return the envelopes in id order. The statement runs in a
+// transaction that commits only after Redis acknowledged them. $3 rotates
+// the starting partition so that every partition gets its turn.
+//
+// The lock is taken in the select list of the LATERAL's first due row, so
+// empty partitions are never locked (a WHERE on the lock could be pushed
+// below the LIMIT 1). The LATERAL is one probe of outbox_claim per
+// partition: as an EXISTS, the planner hashed a sequential scan of the
+// whole heap, dead rows included, into every claim (0.33 ms of an empty
+// claim with 20,000 dead rows; 0.14 ms as probes).
+//
+// `id = ANY(ARRAY(...))` deletes by primary key: `id IN (...)` was planned
+// as a hash join over a sequential scan of the outbox, 28 ms of a
+// 1,000-event claim with 200,000 waiting (6 ms now; EXPLAIN ANALYZE).
 const CLAIM: &str = "
 WITH owned AS MATERIALIZED (
     SELECT s.p
     FROM herald.settings,
          LATERAL (SELECT ((g + $3) % partitions)::smallint AS p
-                  FROM generate_series(0, partitions - 1) AS g) AS s
-    WHERE CASE WHEN EXISTS (SELECT 1 FROM herald.outbox o
-                            WHERE o.partition = s.p AND o.available_at <= now())
-               THEN pg_try_advisory_xact_lock($4, s.p)
-               ELSE false END
+                  FROM generate_series(0, partitions - 1) AS g) AS s,
+         LATERAL (SELECT pg_try_advisory_xact_lock($4, s.p) AS got
+                  FROM herald.outbox o
+                  WHERE o.partition = s.p AND o.available_at <= now()
+                  LIMIT 1) AS due
+    WHERE due.got
     LIMIT $5
 ), claimed AS (
     DELETE FROM herald.outbox
-    WHERE id IN (SELECT id FROM herald.outbox
-                 WHERE partition IN (SELECT p FROM owned) AND available_at <= now()
-                 ORDER BY id
-                 LIMIT $1
-                 FOR UPDATE SKIP LOCKED)
+    WHERE id = ANY(ARRAY(SELECT id FROM herald.outbox
+                         WHERE partition IN (SELECT p FROM owned) AND available_at <= now()
+                         ORDER BY id
+                         LIMIT $1
+                         FOR UPDATE SKIP LOCKED))
     RETURNING id, event_id, topic, key, partition, payload, headers, created_at, attempts
 ), archived AS (
     INSERT INTO herald.outbox_archive (id, event_id, topic, key, partition, payload, headers, created_at, attempts)
