@@ -75,7 +75,7 @@ WITH owned AS MATERIALIZED (
                   FROM herald.outbox o
                   WHERE o.partition = s.p AND o.available_at <= now()
                   LIMIT 1) AS due
-    WHERE due.got
+    WHERE due.got AND current_setting('herald.relay_fan_out', true) = 'on'
     LIMIT $5
 ), claimed AS (
     DELETE FROM herald.outbox
@@ -125,8 +125,14 @@ ORDER BY id";
 // at-least-once redelivery a relay killed mid-batch already causes. Under
 // load the flush wait was most of a batch's cycle, and events arriving
 // meanwhile waited for it (O4).
-const CLAIM_SETTINGS: &str =
-    "SET LOCAL herald.relay_fan_out = on; SET LOCAL synchronous_commit = off";
+//
+// BEGIN is sent in the same simple query, pipelined ahead of CLAIM. Should
+// it ever not take effect, CLAIM would run on its own, and its first CTE
+// requires herald.relay_fan_out, which a SET LOCAL outside a transaction
+// block does not leave set: it claims nothing rather than deleting events
+// with no transaction left to roll back.
+const BEGIN_CLAIM: &str =
+    "BEGIN; SET LOCAL herald.relay_fan_out = on; SET LOCAL synchronous_commit = off";
 
 // Record a failed publish on the rows. $3 says whether it counts as an
 // attempt: only when Redis answered and refused, never for an outage.
@@ -182,6 +188,52 @@ FROM (SELECT topic, env::jsonb AS env, ord
       FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(topic, env, ord)) AS e
 JOIN herald.subscriptions s ON s.enabled AND e.topic LIKE s.topic_like
 ORDER BY e.ord, s.name";
+
+/// The claim's transaction, begun by BEGIN_CLAIM pipelined with the claim
+/// itself (tokio-postgres' `Transaction` waits for its BEGIN first). Like
+/// `Transaction`, it rolls back when dropped unfinished, here on a task of
+/// its own that then returns the connection to the pool, or closes it if the
+/// ROLLBACK did not go through.
+struct ClaimTx(Option<deadpool_postgres::Object>);
+
+impl ClaimTx {
+    async fn commit(self) -> std::result::Result<(), tokio_postgres::Error> {
+        self.finish("COMMIT").await
+    }
+
+    async fn rollback(self) -> std::result::Result<(), tokio_postgres::Error> {
+        self.finish("ROLLBACK").await
+    }
+
+    async fn finish(mut self, sql: &str) -> std::result::Result<(), tokio_postgres::Error> {
+        let client = self.0.take().expect("an unfinished claim transaction");
+        let done = client.batch_execute(sql).await;
+        if done.is_err() {
+            // Not back to the pool: its transaction state is unknown.
+            drop(deadpool_postgres::Object::take(client));
+        }
+        done
+    }
+}
+
+impl std::ops::Deref for ClaimTx {
+    type Target = deadpool_postgres::Object;
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("an unfinished claim transaction")
+    }
+}
+
+impl Drop for ClaimTx {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.take() {
+            tokio::spawn(async move {
+                if client.batch_execute("ROLLBACK").await.is_err() {
+                    drop(deadpool_postgres::Object::take(client));
+                }
+            });
+        }
+    }
+}
 
 /// Counters a caller (the CLI, a test, the bench) can read while it runs.
 #[derive(Debug, Default)]
@@ -462,20 +514,18 @@ impl Drainer {
     /// Claim, publish and commit one batch; returns how many events it held.
     async fn claim_and_publish(&self, offset: i32) -> Result<usize> {
         let relay = &self.config.relay;
-        let mut client = self.pool.get().await?;
+        let client = self.pool.get().await?;
         let claim = client
             .prepare_cached(CLAIM)
             .await
             .context("preparing the outbox claim")?;
-        let tx = client
-            .transaction()
-            .await
-            .context("beginning the claim transaction")?;
+        let tx = ClaimTx(Some(client));
         let claim_started = Instant::now();
         // With nothing to check, the claim fans out to subscriptions itself.
         let checks = self.catalog.checks_anything();
-        // CLAIM_SETTINGS go in the same round trip as the claim
-        // (tokio-postgres pipelines them in order).
+        // BEGIN_CLAIM goes in the same round trip as the claim
+        // (tokio-postgres pipelines them in order): a round trip less on
+        // every event's way to Redis, and on every empty sweep.
         let (batch_size, retain, per_batch, fan_out_here) = (
             relay.batch_size as i64,
             relay.retain_published.is_some(),
@@ -490,8 +540,7 @@ impl Drainer {
             &per_batch,
             &fan_out_here,
         ];
-        let (quiet, rows) =
-            tokio::join!(tx.batch_execute(CLAIM_SETTINGS), tx.query(&claim, &params));
+        let (quiet, rows) = tokio::join!(tx.batch_execute(BEGIN_CLAIM), tx.query(&claim, &params));
         quiet.context("setting up the claim transaction")?;
         let rows = rows.context("claiming a batch from herald.outbox")?;
         if rows.is_empty() {
@@ -622,7 +671,6 @@ impl Drainer {
                 // The rows come back on rollback; note the failure on them
                 // and retire the ones that have failed too often.
                 tx.rollback().await.context("rolling back a failed batch")?;
-                drop(client);
                 span.record("otel.status_code", "ERROR");
                 tracing::debug!(parent: &span, event = event::RELAY_PARTITION_RELEASED,
                     partitions = held.as_str(), outcome = "rolled back", "relay partitions released");
