@@ -95,6 +95,10 @@ pub struct RelayConfig {
     pub backoff_min: Duration,
     #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
+    /// VACUUM `herald.outbox` once this relay process has removed this many
+    /// events since its last one (and at most once a second); 0 leaves it
+    /// to autovacuum alone.
+    pub vacuum_after: u64,
     /// Keep published events in `herald.outbox_archive` this long; unset
     /// deletes them on publish.
     #[serde(with = "humantime_serde")]
@@ -134,6 +138,10 @@ pub struct WorkerConfig {
     /// Longest retry delay.
     #[serde(with = "humantime_serde")]
     pub retry_max: Duration,
+    /// VACUUM `herald.tasks` once this worker process has finished this
+    /// many tasks since its last one (and at most once a second); 0 leaves
+    /// it to autovacuum alone.
+    pub vacuum_after: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -178,6 +186,7 @@ impl Default for WorkerConfig {
             retain_completed: None,
             retry_base: Duration::from_secs(2),
             retry_max: Duration::from_secs(3600),
+            vacuum_after: 2000,
         }
     }
 }
@@ -252,6 +261,7 @@ impl Default for RelayConfig {
             max_attempts: 1000,
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
+            vacuum_after: 2000,
             retain_published: None,
         }
     }

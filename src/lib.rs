@@ -10,6 +10,7 @@
 //! - [`queue`]: the `Task` builder and `enqueue` / `enqueue_batch`.
 //! - [`worker`]: the worker runtime that runs handlers for tasks.
 //! - [`wake`]: the wake lock, so that producers notify only sleeping consumers.
+//! - [`vacuum`]: VACUUM of the claim tables by the processes that churn them.
 //! - [`dlq`]: dead letters listed, replayed and purged.
 //! - [`events`]: the event catalog (schemas, delivery modes) and `Publisher`.
 //! - [`subscriptions`]: durable subscriptions and exactly-once handlers.
@@ -38,6 +39,7 @@ pub mod relay;
 pub mod stats;
 pub mod subscriptions;
 pub mod telemetry;
+pub mod vacuum;
 pub mod wake;
 pub mod webhook;
 pub mod worker;

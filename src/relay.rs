@@ -306,6 +306,7 @@ impl Relay {
             stats: self.stats.clone(),
             catalog,
             redis_down: Default::default(),
+            vacuum: crate::vacuum::Vacuum::new("herald.outbox", self.config.relay.vacuum_after),
         });
         // Create today's archive partition before the first claim, so
         // archived rows never start out in the default partition.
@@ -451,6 +452,8 @@ struct Drainer {
     /// A publish failed because Redis was unreachable; the next success is
     /// a reconnect.
     redis_down: std::sync::atomic::AtomicBool,
+    /// Events removed since this relay last vacuumed the outbox.
+    vacuum: crate::vacuum::Vacuum,
 }
 
 impl Drainer {
@@ -655,6 +658,7 @@ impl Drainer {
                     crate::telemetry::reconnected("redis", "relay");
                 }
                 tx.commit().await.context("committing a published batch")?;
+                self.vacuum.removed(rows.len() as u64, &self.pool);
                 self.stats
                     .published
                     .fetch_add(messages.len() as u64, Ordering::Relaxed);

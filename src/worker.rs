@@ -510,6 +510,8 @@ struct Shared {
     running: Mutex<HashMap<i64, Running>>,
     stats: Arc<WorkerStats>,
     default_retry: RetryPolicy,
+    /// Tasks finished since this process last vacuumed herald.tasks.
+    vacuum: crate::vacuum::Vacuum,
 }
 
 pub struct Worker {
@@ -539,6 +541,7 @@ impl Worker {
                     max: config.worker.retry_max,
                     jitter: 0.2,
                 },
+                vacuum: crate::vacuum::Vacuum::new("herald.tasks", config.worker.vacuum_after),
                 config: config.clone(),
                 pool,
                 registry,
@@ -1129,6 +1132,9 @@ async fn complete(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Completio
             match write_completions(&shared, &batch, &mut outcomes).await {
                 Ok(()) => {
                     report(&mut meters, &batch, &outcomes);
+                    // Each task left a dead row at its claim and one at its
+                    // end.
+                    shared.vacuum.removed(batch.len() as u64, &shared.pool);
                     break;
                 }
                 Err(error) => {

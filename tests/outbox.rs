@@ -212,6 +212,51 @@ async fn events_inserted_while_no_relay_runs_are_delivered_when_one_starts() {
     assert_eq!(db.count("SELECT count(*) FROM herald.outbox").await, 0);
 }
 
+/// VACUUMs of herald.outbox other than autovacuum's.
+async fn outbox_vacuums(db: &TestDb) -> i64 {
+    db.client()
+        .await
+        .query_one(
+            "SELECT vacuum_count FROM pg_stat_user_tables
+             WHERE schemaname = 'herald' AND relname = 'outbox'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The relay vacuums the outbox it empties once it has removed
+/// `relay.vacuum_after` events, and stays on its default when set to 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_relay_vacuums_the_outbox_after_removing_enough_events() {
+    for (after, expect_vacuum) in [(0u64, false), (300, true)] {
+        let db = TestDb::with(|c| c.relay.vacuum_after = after).await;
+        common::insert_events(&db.config, 5, 200).await;
+        let mut collector = db.collector().await;
+        let relay = db.relay();
+        assert!(collector.distinct(1000, WAIT).await, "all 1000 arrive");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut seen = outbox_vacuums(&db).await;
+        while expect_vacuum && seen == 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            seen = outbox_vacuums(&db).await;
+        }
+        relay.stop().await;
+        if expect_vacuum {
+            assert!(
+                seen >= 1,
+                "vacuum_after = {after}: no VACUUM of herald.outbox"
+            );
+        } else {
+            // Give a VACUUM that should not happen the time to show.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(outbox_vacuums(&db).await, 0, "vacuum_after = 0 vacuumed");
+        }
+        assert_eq!(db.count("SELECT count(*) FROM herald.outbox").await, 0);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn retained_events_are_archived_and_batches_keep_their_order() {
     let db = TestDb::with(|c| c.relay.retain_published = Some(Duration::from_secs(3600))).await;
