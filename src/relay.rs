@@ -206,14 +206,21 @@ impl ClaimTx {
     }
 
     async fn finish(mut self, sql: &str) -> std::result::Result<(), tokio_postgres::Error> {
-        let client = self.0.take().expect("an unfinished claim transaction");
-        let done = client.batch_execute(sql).await;
-        if done.is_err() {
-            // Not back to the pool: its transaction state is unknown.
-            drop(deadpool_postgres::Object::take(client));
-        }
-        done
+        end_claim(self.0.take().expect("an unfinished claim transaction"), sql).await
     }
+}
+
+/// Send COMMIT or ROLLBACK; a connection on which it failed does not go
+/// back to the pool, since its transaction state is unknown.
+async fn end_claim(
+    client: deadpool_postgres::Object,
+    sql: &str,
+) -> std::result::Result<(), tokio_postgres::Error> {
+    let done = client.batch_execute(sql).await;
+    if done.is_err() {
+        drop(deadpool_postgres::Object::take(client));
+    }
+    done
 }
 
 impl std::ops::Deref for ClaimTx {
@@ -227,9 +234,7 @@ impl Drop for ClaimTx {
     fn drop(&mut self) {
         if let Some(client) = self.0.take() {
             tokio::spawn(async move {
-                if client.batch_execute("ROLLBACK").await.is_err() {
-                    drop(deadpool_postgres::Object::take(client));
-                }
+                let _ = end_claim(client, "ROLLBACK").await;
             });
         }
     }
@@ -306,7 +311,11 @@ impl Relay {
             stats: self.stats.clone(),
             catalog,
             redis_down: Default::default(),
-            vacuum: crate::vacuum::Vacuum::new("herald.outbox", self.config.relay.vacuum_after),
+            vacuum: crate::vacuum::Vacuum::new(
+                "herald.outbox",
+                self.config.relay.vacuum_after,
+                self.pool.clone(),
+            ),
         });
         // Create today's archive partition before the first claim, so
         // archived rows never start out in the default partition.
@@ -658,7 +667,7 @@ impl Drainer {
                     crate::telemetry::reconnected("redis", "relay");
                 }
                 tx.commit().await.context("committing a published batch")?;
-                self.vacuum.removed(rows.len() as u64, &self.pool);
+                self.vacuum.removed(rows.len() as u64);
                 self.stats
                     .published
                     .fetch_add(messages.len() as u64, Ordering::Relaxed);

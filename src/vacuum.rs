@@ -32,17 +32,20 @@ const AT_MOST_EVERY: Duration = Duration::from_secs(1);
 pub(crate) struct Vacuum {
     table: &'static str,
     after: u64,
+    pool: Pool,
     removed: AtomicU64,
     running: Arc<AtomicBool>,
     last: Mutex<Option<Instant>>,
 }
 
 impl Vacuum {
-    /// `after` 0: never (autovacuum alone).
-    pub(crate) fn new(table: &'static str, after: u64) -> Vacuum {
+    /// `after` 0: never (autovacuum alone). The VACUUM runs on a
+    /// connection of `pool`.
+    pub(crate) fn new(table: &'static str, after: u64, pool: Pool) -> Vacuum {
         Vacuum {
             table,
             after,
+            pool,
             removed: AtomicU64::new(0),
             running: Arc::new(AtomicBool::new(false)),
             last: Mutex::new(None),
@@ -50,7 +53,7 @@ impl Vacuum {
     }
 
     /// Count `n` more dead rows; start a VACUUM when they are enough.
-    pub(crate) fn removed(&self, n: u64, pool: &Pool) {
+    pub(crate) fn removed(&self, n: u64) {
         if self.after == 0 || self.removed.fetch_add(n, Ordering::Relaxed) + n < self.after {
             return;
         }
@@ -64,7 +67,7 @@ impl Vacuum {
             *last = Some(Instant::now());
         }
         self.removed.store(0, Ordering::Relaxed);
-        let (pool, running, table) = (pool.clone(), self.running.clone(), self.table);
+        let (pool, running, table) = (self.pool.clone(), self.running.clone(), self.table);
         tokio::spawn(async move {
             let started = Instant::now();
             let done = match pool.get().await {

@@ -541,7 +541,11 @@ impl Worker {
                     max: config.worker.retry_max,
                     jitter: 0.2,
                 },
-                vacuum: crate::vacuum::Vacuum::new("herald.tasks", config.worker.vacuum_after),
+                vacuum: crate::vacuum::Vacuum::new(
+                    "herald.tasks",
+                    config.worker.vacuum_after,
+                    pool.clone(),
+                ),
                 config: config.clone(),
                 pool,
                 registry,
@@ -1134,7 +1138,7 @@ async fn complete(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Completio
                     report(&mut meters, &batch, &outcomes);
                     // Each task left a dead row at its claim and one at its
                     // end.
-                    shared.vacuum.removed(batch.len() as u64, &shared.pool);
+                    shared.vacuum.removed(batch.len() as u64);
                     break;
                 }
                 Err(error) => {
