@@ -247,7 +247,8 @@ async fn a_second_relay_takes_over_the_wake_lock_when_the_sleeper_stops() {
     let holder: i32 = producer
         .query_one(
             "SELECT count(*)::int FROM pg_locks WHERE locktype = 'advisory' AND granted
-               AND mode = 'ExclusiveLock' AND classid::bigint = $1 AND objid::bigint = $2",
+               AND mode = 'ExclusiveLock' AND classid::bigint = $1 AND objid::bigint = $2
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             &[&i64::from(WAKE_LOCK.0), &i64::from(WAKE_LOCK.1)],
         )
         .await
