@@ -313,19 +313,21 @@ impl Registry {
 
 // ---------------------------------------------------------------- SQL
 
-// Claims and completions run in a transaction of their own, pipelined with
-// them and with its COMMIT (one round trip, as for the statement alone), so
-// that they can be planned with these settings. Their `id = ANY(...)`
+// Completions run in a transaction of their own, pipelined with them and
+// with its COMMIT (one round trip, as for the statement alone), so that
+// they can be planned with these settings. Their `id = ANY(...)`
 // primary-key lookups were planned as a sequential scan of the table
 // whenever the statistics showed few live rows, which is the normal state of
 // a queue that keeps up: VACUUM counts the live rows but the table keeps its
-// pages, and dead rows fill them. In O4 that scan read 50 to 130 pages per
-// claim (0.2 ms of a 0.24 ms claim; EXPLAIN ANALYZE during the run); with a
-// backlog of delayed tasks it would read them all. The plan is generic,
-// planned once per connection, and JIT stays off because the cost that
-// disables sequential scans would otherwise trigger it.
-// All three messages are sent at the first poll, so a claim dropped midway
-// still ends its transaction on the server before the connection is reused.
+// pages, and dead rows fill them (50 to 130 pages in O4; EXPLAIN ANALYZE
+// during the run). The plan is generic, planned once per connection, and
+// JIT stays off because the cost that disables sequential scans would
+// otherwise trigger it. All three messages are sent at the first poll, so a
+// completion dropped midway still ends its transaction on the server before
+// the connection is reused.
+// The claim has the same lookup but stays a statement of its own: the two
+// extra statements cost Q3 0.14 ms at the median (bench Q3 --runs 3: p50
+// 0.61 → 0.75 ms), more than the scan they save.
 const PLAN_ON_INDEXES: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan;
      SET LOCAL enable_seqscan = off; SET LOCAL jit = off";
 
@@ -802,15 +804,10 @@ impl Shared {
                 &r.id,
             ]);
         }
-        let (begin, rows, commit) = tokio::join!(
-            client.batch_execute(PLAN_ON_INDEXES),
-            client.query(&stmt, &params),
-            client.batch_execute("COMMIT"),
-        );
-        begin.context("beginning a task claim")?;
-        let rows = rows.context(format!("claiming tasks from queue {queue:?}"))?;
-        commit.context(format!("committing a claim from queue {queue:?}"))?;
-        Ok(rows)
+        client
+            .query(&stmt, &params)
+            .await
+            .context(format!("claiming tasks from queue {queue:?}"))
     }
 
     async fn next_due(&self, queue: &str) -> Result<Option<f64>> {
