@@ -149,22 +149,18 @@ ORDER BY id";
 // load the flush wait was most of a batch's cycle, and events arriving
 // meanwhile waited for it (O4).
 //
-// The generic plan for CLAIM is forced (plan_cache_mode), without
-// sequential scans: a plan made while the outbox is nearly empty would
-// otherwise scan it in full, and keep doing so through a backlog of a
-// million rows until the statistics change. JIT is off because the cost
-// that disables sequential scans would have every claim JIT-compiled
-// (0.7 s each).
+// CLAIM is planned once per connection, on indexes
+// (crate::db::plan_on_indexes): see its comment above.
 //
 // BEGIN is sent in the same simple query, pipelined ahead of CLAIM. Should
 // it ever not take effect, CLAIM would run on its own, and its first CTE
 // requires herald.relay_fan_out, which a SET LOCAL outside a transaction
 // block does not leave set: it claims nothing rather than deleting events
 // with no transaction left to roll back.
-const BEGIN_CLAIM: &str =
-    "BEGIN; SET LOCAL herald.relay_fan_out = on; SET LOCAL synchronous_commit = off;
-     SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off;
-     SET LOCAL jit = off";
+const BEGIN_CLAIM: &str = concat!(
+    "BEGIN; SET LOCAL herald.relay_fan_out = on; SET LOCAL synchronous_commit = off; ",
+    crate::db::plan_on_indexes!()
+);
 
 // Record a failed publish on the rows. $3 says whether it counts as an
 // attempt: only when Redis answered and refused, never for an outage.

@@ -314,22 +314,19 @@ impl Registry {
 // ---------------------------------------------------------------- SQL
 
 // Completions run in a transaction of their own, pipelined with them and
-// with its COMMIT (one round trip, as for the statement alone), so that
-// they can be planned with these settings. Their `id = ANY(...)`
+// with its COMMIT (one round trip, as for the statement alone), that plans
+// them on indexes (crate::db::plan_on_indexes). Their `id = ANY(...)`
 // primary-key lookups were planned as a sequential scan of the table
 // whenever the statistics showed few live rows, which is the normal state of
 // a queue that keeps up: VACUUM counts the live rows but the table keeps its
 // pages, and dead rows fill them (50 to 130 pages in O4; EXPLAIN ANALYZE
-// during the run). The plan is generic, planned once per connection, and
-// JIT stays off because the cost that disables sequential scans would
-// otherwise trigger it. All three messages are sent at the first poll, so a
+// during the run). All three messages are sent at the first poll, so a
 // completion dropped midway still ends its transaction on the server before
 // the connection is reused.
 // The claim has the same lookup but stays a statement of its own: the two
 // extra statements cost Q3 0.14 ms at the median (bench Q3 --runs 3: p50
 // 0.61 → 0.75 ms), more than the scan they save.
-const PLAN_ON_INDEXES: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan;
-     SET LOCAL enable_seqscan = off; SET LOCAL jit = off";
+const PLAN_ON_INDEXES: &str = concat!("BEGIN; ", crate::db::plan_on_indexes!());
 
 // `id = ANY(ARRAY(...))` keeps the update on the primary key: a join
 // against the CTE lets the planner hash-join over a scan of the whole table.
