@@ -3,6 +3,8 @@
 //! against the real Postgres and Redis without seeing each other.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::collections::HashMap;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};

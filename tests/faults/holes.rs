@@ -1,0 +1,1 @@
+//! Fault tests: holes. See main.rs.

@@ -1,0 +1,1 @@
+//! Fault tests: relay. See main.rs.

@@ -1,0 +1,1 @@
+//! Fault tests: subscriber. See main.rs.

@@ -1,0 +1,1 @@
+//! Fault tests: worker. See main.rs.
