@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -18,15 +20,22 @@ use crate::outbox::{Event, Outbox};
 use crate::pubsub::{Delivery, Subscriber};
 
 mod charts;
+mod mixed;
+mod soak;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Workloads: O1, O1c, O2, O3, O4, Q1, Q1b, Q2, Q2-scale, Q3, C1, or all.
+    /// Workloads: O1, O1c, O2, O3, O4, Q1, Q1b, Q2, Q2-scale, Q3, C1, or all;
+    /// and S1 (the soak), which `all` leaves out because it takes 10 minutes.
     #[arg(required = true)]
     pub workloads: Vec<String>,
-    /// Runs per workload; the median is reported with min–max.
-    #[arg(long, default_value_t = 3)]
-    pub runs: usize,
+    /// Runs per workload; the median is reported with min–max. Default: 3,
+    /// but 1 for S1.
+    #[arg(long)]
+    pub runs: Option<usize>,
+    /// S1: how long the load runs (e.g. 60s, 10m).
+    #[arg(long, value_name = "DURATION", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
     /// Also run O2 with 1,000,000 events.
     #[arg(long)]
     pub large: bool,
@@ -58,6 +67,8 @@ pub struct BenchArgs {
 const WORKLOADS: [&str; 11] = [
     "O1", "O1C", "O2", "O3", "O4", "Q1", "Q1B", "Q2", "Q2-SCALE", "Q3", "C1",
 ];
+/// Workloads run only when named: S1 alone takes 10 minutes.
+const ON_REQUEST: [&str; 1] = ["S1"];
 
 /// First and last line of the part of the markdown file `--write` rewrites.
 const BEGIN_MARK: &str = "<!-- herald bench: generated block, rewritten by --write -->";
@@ -119,18 +130,24 @@ fn progress_bar(total: u64, quiet: bool) -> indicatif::ProgressBar {
 }
 
 pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
-    if args.runs == 0 {
+    if args.runs == Some(0) {
         bail!("--runs must be at least 1");
+    }
+    let soak_secs = args.duration.as_secs();
+    if soak_secs == 0 {
+        bail!("--duration must be at least 1s");
     }
     let mut wanted: Vec<String> = Vec::new();
     for w in &args.workloads {
         match w.to_ascii_uppercase().as_str() {
             "ALL" => wanted.extend(WORKLOADS.map(String::from)),
-            w if WORKLOADS.contains(&w) => wanted.push(w.to_string()),
+            w if WORKLOADS.contains(&w) || ON_REQUEST.contains(&w) => wanted.push(w.to_string()),
             other => bail!(
-                "unknown workload {other:?}: this build implements {} (or all); \
-                 see shared/bench-spec.md",
-                WORKLOADS.join(", ")
+                "unknown workload {other:?}: this build implements {}, {} (or all, \
+                 which leaves out {}); see shared/bench-spec.md",
+                WORKLOADS.join(", "),
+                ON_REQUEST.join(", "),
+                ON_REQUEST.join(", ")
             ),
         }
     }
@@ -139,13 +156,20 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
     let started = chrono::Utc::now();
     // Read before the runs: the tree may change while they take minutes.
     let commit = git_commit();
-    let bar = progress_bar((wanted.len() * args.runs) as u64, args.quiet);
+    let runs_of = |workload: &str| {
+        args.runs
+            .unwrap_or(if ON_REQUEST.contains(&workload) { 1 } else { 3 })
+    };
+    let total: usize = wanted.iter().map(|w| runs_of(w)).sum();
+    let bar = progress_bar(total as u64, args.quiet);
     let mut figures: Vec<Figure> = Vec::new();
+    let mut soak: Vec<Figure> = Vec::new();
     let mut samples: Samples = Vec::new();
     for workload in &wanted {
         let mut per_metric: Vec<Figure> = Vec::new();
-        for run in 0..args.runs {
-            let label = format!("{workload}: run {}/{}", run + 1, args.runs);
+        let runs = runs_of(workload);
+        for run in 0..runs {
+            let label = format!("{workload}: run {}/{runs}", run + 1);
             bar.set_message(label.clone());
             if bar.is_hidden() && !args.quiet {
                 eprintln!("bench {label}");
@@ -163,6 +187,7 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
                 "Q2-SCALE" => q2_scale(&db.config, &args).await,
                 "Q3" => q3(&db.config, &mut samples).await,
                 "C1" => c1(&db.config).await,
+                "S1" => soak::s1(&db.config, soak_secs).await,
                 _ => unreachable!("workloads were checked above"),
             };
             db.drop_db().await?;
@@ -181,16 +206,26 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
         }
         let mut line = serde_json::Map::new();
         line.insert("workload".into(), json!(workload));
-        line.insert("runs".into(), json!(args.runs));
+        line.insert("runs".into(), json!(runs));
         for f in &per_metric {
             line.insert(f.metric.clone(), json!(round2(f.median())));
         }
         bar.suspend(|| println!("{}", serde_json::Value::Object(line)));
-        figures.extend(per_metric);
+        if workload == "S1" {
+            soak.extend(per_metric);
+        } else {
+            figures.extend(per_metric);
+        }
     }
     bar.finish_and_clear();
     let table = table(&figures);
-    println!("{table}");
+    if !figures.is_empty() {
+        println!("{table}");
+    }
+    if !soak.is_empty() {
+        println!("{}", soak::minute_table(&soak));
+        println!("{}", self::table(&soak::end_figures(&soak)));
+    }
     let charts_dir = args.charts.clone().or_else(|| {
         args.write.as_ref().map(|w| match w.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -206,14 +241,22 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     if let Some(path) = &args.write {
-        let block = markdown_block(config, &args, started, commit, &table, &drawn, path).await;
-        let doc = match std::fs::read_to_string(path) {
-            Ok(old) => splice_block(&old, &block),
-            Err(_) => format!(
-                "# Benchmarks\n\n\
-                 Figures from `herald bench`, following `shared/bench-spec.md`.\n\n{block}"
-            ),
-        };
+        let header = run_header(config, started, commit).await;
+        let mut doc = std::fs::read_to_string(path).unwrap_or_else(|_| {
+            "# Benchmarks\n\nFigures from `herald bench`, following `shared/bench-spec.md`.\n"
+                .to_string()
+        });
+        // Each part rewrites only its own block: `bench S1` keeps the latest
+        // `bench all`, and the other way round.
+        if !figures.is_empty() {
+            let runs = args.runs.unwrap_or(3);
+            let block = markdown_block(runs, &header, &table, &drawn, path);
+            doc = splice_block(&doc, &block);
+        }
+        if !soak.is_empty() {
+            let section = soak::section(&header, runs_of("S1"), soak_secs, &soak);
+            doc = soak::splice_section(&doc, &section);
+        }
         std::fs::write(path, doc).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
@@ -223,12 +266,8 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
 /// `old` with its generated block replaced by `block`; without one, the
 /// block goes right after the title.
 fn splice_block(old: &str, block: &str) -> String {
-    if let (Some(b), Some(e)) = (old.find(BEGIN_MARK), old.find(END_MARK)) {
-        if b < e {
-            let end = e + END_MARK.len();
-            let rest = old[end..].strip_prefix('\n').unwrap_or(&old[end..]);
-            return format!("{}{block}{rest}", &old[..b]);
-        }
+    if let Some(doc) = splice_between(old, BEGIN_MARK, END_MARK, block) {
+        return doc;
     }
     match old.find('\n') {
         Some(i) if old.starts_with("# ") => {
@@ -236,6 +275,19 @@ fn splice_block(old: &str, block: &str) -> String {
         }
         _ => format!("{block}\n{old}"),
     }
+}
+
+/// `old` with the text from `begin` through `end` (and its newline) replaced
+/// by `block`; None when the marks are not there in that order.
+fn splice_between(old: &str, begin: &str, end: &str, block: &str) -> Option<String> {
+    let b = old.find(begin)?;
+    let e = old.find(end)?;
+    if b >= e {
+        return None;
+    }
+    let after = e + end.len();
+    let rest = old[after..].strip_prefix('\n').unwrap_or(&old[after..]);
+    Some(format!("{}{block}{rest}", &old[..b]))
 }
 
 fn round2(v: f64) -> f64 {
@@ -296,14 +348,11 @@ fn git_commit() -> Option<String> {
     })
 }
 
-async fn markdown_block(
+/// The command, date, machine and build lines of a written run.
+async fn run_header(
     config: &Config,
-    args: &BenchArgs,
     started: chrono::DateTime<chrono::Utc>,
     commit: Option<String>,
-    table: &str,
-    charts: &[(String, PathBuf)],
-    doc: &std::path::Path,
 ) -> String {
     let machine = machine_description(config).await;
     let command = std::env::args().collect::<Vec<_>>().join(" ");
@@ -315,10 +364,28 @@ async fn markdown_block(
     let commit = commit
         .map(|c| format!(", commit {c} when the run started"))
         .unwrap_or_default();
-    let runs = if args.runs == 1 {
+    format!(
+        "- Command: `{command}`\n\
+         - Date: {date} (finished {end})\n\
+         - Machine: {machine}\n\
+         - Herald: {version} ({build}{commit})\n",
+        date = started.format("%Y-%m-%d %H:%M UTC"),
+        end = chrono::Utc::now().format("%H:%M UTC"),
+        version = env!("CARGO_PKG_VERSION"),
+    )
+}
+
+fn markdown_block(
+    runs: usize,
+    header: &str,
+    table: &str,
+    charts: &[(String, PathBuf)],
+    doc: &std::path::Path,
+) -> String {
+    let runs = if runs == 1 {
         "one run per workload (median = min = max)".to_string()
     } else {
-        format!("medians of {} runs with min–max", args.runs)
+        format!("medians of {runs} runs with min–max")
     };
     let mut images = String::new();
     for (title, path) in charts {
@@ -341,14 +408,8 @@ async fn markdown_block(
          Each run on a fresh, migrated database; {runs}. \
          Latencies are receive (or start) time minus the time the producer's COMMIT \
          returned, on one machine.\n\n\
-         - Command: `{command}`\n\
-         - Date: {date} (finished {end})\n\
-         - Machine: {machine}\n\
-         - Herald: {version} ({build}{commit})\n\n\
-         {table}{images}\n{END_MARK}\n",
-        date = started.format("%Y-%m-%d %H:%M UTC"),
-        end = chrono::Utc::now().format("%H:%M UTC"),
-        version = env!("CARGO_PKG_VERSION"),
+         {header}\n\
+         {table}{images}\n{END_MARK}\n"
     )
 }
 
@@ -497,11 +558,16 @@ impl HeraldProcess {
 }
 
 /// A subscriber on every topic of the bench prefix, forwarding
-/// (sequence number, receive instant) for each event, or a count.
-async fn subscribe_all(config: &Config) -> anyhow::Result<mpsc::UnboundedReceiver<(i64, Instant)>> {
+/// (sequence number, receive instant) for each event, and counting the
+/// `Gap`s it sees.
+async fn subscribe_all(
+    config: &Config,
+) -> anyhow::Result<(mpsc::UnboundedReceiver<(i64, Instant)>, Arc<AtomicU64>)> {
     let mut sub = Subscriber::from_config(config)?.pattern("*");
     sub.connect().await?;
     let (tx, rx) = mpsc::unbounded_channel();
+    let gaps = Arc::new(AtomicU64::new(0));
+    let seen_gaps = gaps.clone();
     tokio::spawn(async move {
         loop {
             match sub.next().await {
@@ -516,7 +582,10 @@ async fn subscribe_all(config: &Config) -> anyhow::Result<mpsc::UnboundedReceive
                         return;
                     }
                 }
-                Ok(Delivery::Gap(gap)) => eprintln!("bench subscriber gap: {}", gap.reason),
+                Ok(Delivery::Gap(gap)) => {
+                    seen_gaps.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("bench subscriber gap: {}", gap.reason)
+                }
                 Ok(Delivery::Undecodable { error, .. }) => eprintln!("bench: undecodable: {error}"),
                 Err(e) => {
                     eprintln!("bench subscriber failed: {e}");
@@ -525,7 +594,7 @@ async fn subscribe_all(config: &Config) -> anyhow::Result<mpsc::UnboundedReceive
             }
         }
     });
-    Ok(rx)
+    Ok((rx, gaps))
 }
 
 /// O1: 10,000 one-event transactions through the Rust API, then through SQL.
@@ -582,7 +651,7 @@ async fn o2(config: &Config, large: bool) -> anyhow::Result<RunResult> {
         }
         outbox.publish_batch(&client, &batch).await?;
         settle(&client, "herald.outbox").await?;
-        let mut rx = subscribe_all(config).await?;
+        let (mut rx, _gaps) = subscribe_all(config).await?;
         let started = Instant::now();
         let relay = HeraldProcess::relay(config)?;
         let mut received = 0usize;
@@ -611,7 +680,7 @@ async fn o2(config: &Config, large: bool) -> anyhow::Result<RunResult> {
 /// O3: an idle relay; one event every 5 ms for 10 s, then every 1 ms for
 /// 10 s; latency from COMMIT returned to received by a Redis subscriber.
 async fn o3(config: &Config, samples: &mut Samples) -> anyhow::Result<RunResult> {
-    let mut rx = subscribe_all(config).await?;
+    let (mut rx, _gaps) = subscribe_all(config).await?;
     let relay = HeraldProcess::relay(config)?;
     // Let the relay connect and park on LISTEN.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -779,221 +848,27 @@ fn epoch_secs() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Peak resident set (VmHWM) of a process, in MiB.
-fn peak_rss_mib(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
-}
-
-/// O4: one `herald run` process (relay, workers, scheduler, admin server);
-/// 1,000 events/s and 1,000 tasks/s together for 60 s. Events are timed as
-/// in O3 (a Redis subscriber in this process). `herald run` only has the
-/// built-in kinds, so a task's handler cannot stamp its start: bench-only
-/// row triggers on `herald.tasks` record, on the database's clock, when the
-/// claim statement takes the task (before the handler starts) and when the
-/// completion deletes it (after the handler ended). The handler's start lies
-/// between the two latencies reported.
-/// `worker.concurrency` of O4's `herald run`.
-const O4_WORKER_CONCURRENCY: usize = 100;
-
+/// O4: O4's load (see `mixed`) for 60 s; O3's and Q3's latencies under
+/// it, the backlog at the end, the peak RSS of `herald run`.
 async fn o4(config: &Config, samples: &mut Samples) -> anyhow::Result<RunResult> {
-    const SECS: u64 = 60;
-    const RATE: u64 = 1000;
-    // Per stream: producers on their own connections, each at RATE/PRODUCERS,
-    // so one slow commit does not hold the whole stream back.
-    const PRODUCERS: u64 = 8;
-    let client = crate::db::connect(config, "herald-bench").await?;
-    client
-        .batch_execute(
-            "CREATE UNLOGGED TABLE public.bench_task_stamps (seq bigint, what text, at float8);
-             CREATE FUNCTION public.bench_stamp_task() RETURNS trigger LANGUAGE plpgsql AS $$
-             BEGIN
-                 IF TG_OP = 'DELETE' THEN
-                     INSERT INTO public.bench_task_stamps
-                     VALUES ((OLD.payload->>'seq')::bigint, 'done',
-                             extract(epoch FROM clock_timestamp())::float8);
-                 ELSE
-                     INSERT INTO public.bench_task_stamps
-                     VALUES ((NEW.payload->>'seq')::bigint, 'claimed',
-                             extract(epoch FROM clock_timestamp())::float8);
-                 END IF;
-                 RETURN NULL;
-             END $$;
-             CREATE TRIGGER bench_claimed AFTER UPDATE ON herald.tasks FOR EACH ROW
-                 WHEN (OLD.state = 'ready' AND NEW.state = 'running')
-                 EXECUTE FUNCTION public.bench_stamp_task();
-             CREATE TRIGGER bench_done AFTER DELETE ON herald.tasks FOR EACH ROW
-                 EXECUTE FUNCTION public.bench_stamp_task();",
-        )
-        .await?;
-    let mut rx = subscribe_all(config).await?;
-    let run = HeraldProcess::spawn(
-        config,
-        &["run"],
-        &[
-            ("HERALD_ADMIN_ENABLED", "true".into()),
-            ("HERALD_ADMIN_BIND", "127.0.0.1:0".into()),
-            ("HERALD_SCHEDULER_ENABLED", "true".into()),
-            // 1,000 tasks/s: the default 10 at once claims 10 per round
-            // trip and fell behind on two loaded cores.
-            (
-                "HERALD_WORKER_CONCURRENCY",
-                O4_WORKER_CONCURRENCY.to_string(),
-            ),
-        ],
-    )?;
-    let pid = run.0.id().context("herald run has no pid")?;
-    // Let it connect and park on LISTEN.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    // A receiver that keeps up while the producers run.
-    let received: std::sync::Arc<std::sync::Mutex<HashMap<i64, Instant>>> = Default::default();
-    let receiver = {
-        let received = received.clone();
-        tokio::spawn(async move {
-            while let Some((seq, t)) = rx.recv().await {
-                if let Ok(mut m) = received.lock() {
-                    m.insert(seq, t);
-                }
-            }
-        })
-    };
-    let insert_event = "INSERT INTO herald.outbox (event_id, topic, key, partition, payload) \
-         VALUES ($1, 'bench.o4', NULL, herald.partition_for(NULL), $2::text::jsonb)";
-    let period = Duration::from_micros(1_000_000 * PRODUCERS / RATE);
-    let count = RATE * SECS / PRODUCERS;
-    let start = tokio::time::Instant::now() + Duration::from_millis(100);
-    // Open loop: a producer that falls behind bursts to catch up, and stops
-    // at the end of the 60 s whatever it managed; the rates reached are
-    // reported beside the latencies.
-    let end = start + Duration::from_secs(SECS);
-    let mut event_producers = tokio::task::JoinSet::new();
-    let mut task_producers = tokio::task::JoinSet::new();
-    for p in 0..PRODUCERS {
-        let offset = Duration::from_micros(1_000_000 * p / RATE);
-        let c = crate::db::connect(config, "herald-bench").await?;
-        let stmt = c.prepare(insert_event).await?;
-        event_producers.spawn(async move {
-            let mut ticker = tokio::time::interval_at(start + offset, period);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            let mut committed = Vec::with_capacity(count as usize);
-            for i in 0..count {
-                ticker.tick().await;
-                if tokio::time::Instant::now() >= end {
-                    break;
-                }
-                let seq = (i * PRODUCERS + p) as i64;
-                let payload = format!("{{\"seq\": {seq}}}");
-                c.execute(&stmt, &[&uuid::Uuid::now_v7(), &payload]).await?;
-                committed.push((seq, Instant::now()));
-            }
-            anyhow::Ok(committed)
-        });
-        let c = crate::db::connect(config, "herald-bench").await?;
-        let queue = crate::queue::Queue::from_config(config);
-        task_producers.spawn(async move {
-            let mut ticker = tokio::time::interval_at(start + offset, period);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            let mut committed = Vec::with_capacity(count as usize);
-            for i in 0..count {
-                ticker.tick().await;
-                if tokio::time::Instant::now() >= end {
-                    break;
-                }
-                let seq = (i * PRODUCERS + p) as i64;
-                // Autocommit: the statement's return is the COMMIT's return.
-                queue.enqueue(&c, &seq_task(seq)?).await?;
-                committed.push((seq, epoch_secs()));
-            }
-            anyhow::Ok(committed)
-        });
-    }
-    let mut events: Vec<(i64, Instant)> = Vec::new();
-    while let Some(done) = event_producers.join_next().await {
-        events.extend(done.context("an O4 producer panicked")??);
-    }
-    let mut tasks: Vec<(i64, f64)> = Vec::new();
-    while let Some(done) = task_producers.join_next().await {
-        tasks.extend(done.context("an O4 producer panicked")??);
-    }
-    let produced_in = (tokio::time::Instant::now() - start).as_secs_f64();
-    // The backlog the moment the producers are done.
-    let outbox_left = crate::stats::outbox_backlog(&client).await?.unpublished;
-    let tasks_left: i64 = client
-        .query_one("SELECT count(*) FROM herald.tasks", &[])
-        .await?
-        .get(0);
-    // Then let everything arrive (at most 30 s).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let done: i64 = client
-            .query_one(
-                "SELECT count(*) FROM public.bench_task_stamps WHERE what = 'done'",
-                &[],
-            )
-            .await?
-            .get(0);
-        let outbox: i64 = crate::stats::outbox_backlog(&client).await?.unpublished;
-        if (done >= tasks.len() as i64 && outbox == 0) || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss = peak_rss_mib(pid);
-    run.stop().await;
-    receiver.abort();
-    let received = received.lock().map(|m| m.clone()).unwrap_or_default();
-    let stamps = client
-        .query("SELECT seq, what, at FROM public.bench_task_stamps", &[])
-        .await?;
-    let mut claimed: HashMap<i64, f64> = HashMap::new();
-    let mut done: HashMap<i64, f64> = HashMap::new();
-    for row in stamps {
-        let seq: Option<i64> = row.get(0);
-        let what: String = row.get(1);
-        let at: f64 = row.get(2);
-        if let Some(seq) = seq {
-            // The first claim of a task counts (a retry would claim it again).
-            match what.as_str() {
-                "claimed" => {
-                    claimed.entry(seq).or_insert(at);
-                }
-                _ => {
-                    done.insert(seq, at);
-                }
-            }
-        }
-    }
+    let load = mixed::run(config, 60, Duration::from_secs(30)).await?;
     let mut out: RunResult = Vec::new();
     // Events: receive − commit return, as in O3.
-    let mut event_ms: Vec<f64> = events
-        .iter()
-        .filter_map(|(seq, c)| Some(signed_ms(*received.get(seq)?, *c)))
-        .collect();
+    let mut event_ms = load.event_latencies(|_| true);
     let negative = count_negative(&event_ms);
-    let events_missing = events.len() - event_ms.len();
+    let events_missing = load.events.len() - event_ms.len();
     add_samples(samples, "O4 events", &event_ms);
     out.extend(latency_figures(&mut event_ms, negative, "event_", ""));
     out.push(("events_missing".into(), "events", events_missing as f64));
     // Tasks: claim and completion, database clock − commit return.
-    for (name, stamps) in [("claim", &claimed), ("done", &done)] {
-        let mut ms: Vec<f64> = tasks
-            .iter()
-            .filter_map(|(seq, c)| Some((stamps.get(seq)? - c) * 1000.0))
-            .collect();
+    for (name, stamps) in [("claim", &load.claimed), ("done", &load.done)] {
+        let mut ms = load.task_latencies(stamps, |_| true);
         let negative = count_negative(&ms);
         if name == "claim" {
             out.push((
                 "tasks_missing".into(),
                 "tasks",
-                (tasks.len() - ms.len()) as f64,
+                (load.tasks.len() - ms.len()) as f64,
             ));
         }
         add_samples(samples, &format!("O4 tasks, {name}"), &ms);
@@ -1007,16 +882,24 @@ async fn o4(config: &Config, samples: &mut Samples) -> anyhow::Result<RunResult>
     out.push((
         "events_per_s_produced".into(),
         "events/s",
-        events.len() as f64 / produced_in,
+        load.events.len() as f64 / load.produced_in,
     ));
     out.push((
         "tasks_per_s_produced".into(),
         "tasks/s",
-        tasks.len() as f64 / produced_in,
+        load.tasks.len() as f64 / load.produced_in,
     ));
-    out.push(("outbox_backlog_at_end".into(), "events", outbox_left as f64));
-    out.push(("task_backlog_at_end".into(), "tasks", tasks_left as f64));
-    if let Some(rss) = rss {
+    out.push((
+        "outbox_backlog_at_end".into(),
+        "events",
+        load.outbox_left as f64,
+    ));
+    out.push((
+        "task_backlog_at_end".into(),
+        "tasks",
+        load.tasks_left as f64,
+    ));
+    if let Some(rss) = load.peak_rss {
         out.push(("peak_rss_mib".into(), "MiB", rss));
     }
     Ok(out)
@@ -1292,6 +1175,11 @@ fn count_negative(ms: &[f64]) -> usize {
     ms.iter().filter(|v| **v < 0.0).count()
 }
 
+/// The nearest-rank `p` percentile of sorted, non-empty `sorted`.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 * p).ceil() as usize).saturating_sub(1)]
+}
+
 /// p50, p95, p99, max (ms) and the count of negative samples, named
 /// `{prefix}p50_ms{suffix}` and so on.
 fn latency_figures(
@@ -1304,7 +1192,7 @@ fn latency_figures(
     if latencies.is_empty() {
         return Vec::new();
     }
-    let pct = |p: f64| latencies[((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1)];
+    let pct = |p: f64| percentile(latencies, p);
     vec![
         (format!("{prefix}p50_ms{suffix}"), "ms", pct(0.50)),
         (format!("{prefix}p95_ms{suffix}"), "ms", pct(0.95)),

@@ -183,12 +183,14 @@ as many as you like: each tick fires once across all of them.\n\nExample:\n  her
     #[command(after_help = "Example:\n  HERALD_PARTITIONS=32 herald config")]
     Config,
 
-    /// Run benchmark workloads of shared/bench-spec.md (O1 to C1, or all).
+    /// Run benchmark workloads of shared/bench-spec.md (O1 to C1, or all; S1 when named).
     #[command(
         after_help = "Each run uses a fresh database, created and dropped by the bench. A progress \
 bar shows on stderr when it is a terminal (--quiet hides it); --write rewrites the file's \
-generated block and --charts (default: beside that file) draws SVG charts.\n\n\
-Example:\n  herald bench all --runs 3 --large --write docs/benchmarks.md"
+generated block and --charts (default: beside that file) draws SVG charts. S1, the 10-minute \
+soak, runs only when named and writes a section of its own.\n\n\
+Examples:\n  herald bench all --runs 3 --large --write docs/benchmarks.md\n  \
+herald bench S1 --write docs/benchmarks.md\n  herald bench S1 --duration 60s"
     )]
     Bench(crate::bench::BenchArgs),
 }
