@@ -12,7 +12,7 @@ WITH_ENV = dev_env="$$($(DEV) env)" && eval "$$dev_env" &&
 
 .DEFAULT_GOAL := help
 
-.PHONY: help build run test lint bench migrate services-up services-down services-status docker-up
+.PHONY: help build run test coverage lint bench migrate services-up services-down services-status docker-up
 
 help: ## List the targets
 	@echo "Herald make targets:"
@@ -26,6 +26,16 @@ run: services-up ## Start dev services, then `herald run` (migrates, relays)
 
 test: services-up ## Start dev services, then run the whole test suite
 	$(WITH_ENV) $(CARGO) test
+
+# `make coverage COVERAGE_ARGS="--test operator"` measures one test binary.
+COVERAGE_ARGS ?=
+
+coverage: services-up ## Run the test suite under cargo-llvm-cov: line coverage per file and in total
+	@command -v cargo-llvm-cov >/dev/null || $(CARGO) install cargo-llvm-cov --locked
+	@rustup component list --installed 2>/dev/null | grep -q '^llvm-tools' || rustup component add llvm-tools
+	$(WITH_ENV) $(CARGO) llvm-cov $(COVERAGE_ARGS) --summary-only
+	@echo "Leaving out the bench code (src/bench.rs, src/bench/), which only \`herald bench\` runs:"
+	@$(CARGO) llvm-cov report --summary-only --ignore-filename-regex 'src/bench' | grep '^TOTAL'
 
 lint: ## rustfmt check and clippy with warnings as errors
 	$(CARGO) fmt --check
