@@ -439,6 +439,21 @@ fn subscriptions_are_validated_field_by_field() {
     let msg = err(Subscription::new("w", "a").kind(subscriptions::WEBHOOK_KIND));
     assert!(msg.contains("needs a webhook URL"), "{msg}");
 
+    // As declared in the configuration: the defaults fill what is left out,
+    // and an unknown field is refused rather than ignored.
+    let parsed: Subscription =
+        serde_json::from_value(json!({"name": "audit", "pattern": "a.*", "timeout": "30s"}))
+            .unwrap();
+    assert_eq!(
+        parsed,
+        Subscription::new("audit", "a.*").timeout(Duration::from_secs(30))
+    );
+    assert!(parsed.enabled && parsed.queue == "default");
+    let unknown = serde_json::from_value::<Subscription>(
+        json!({"name": "audit", "pattern": "a.*", "colour": "red"}),
+    );
+    assert!(unknown.unwrap_err().to_string().contains("colour"));
+
     // The kind each one's events become.
     assert_eq!(Subscription::new("audit", "a").task_kind(), "sub:audit");
     assert_eq!(subscriptions::handler_kind("audit"), "sub:audit");
