@@ -74,6 +74,10 @@ pub struct RedisConfig {
     /// How long one Redis round trip may take before it counts as failed.
     #[serde(with = "humantime_serde")]
     pub response_timeout: Duration,
+    /// Most messages a `Subscriber` (and a cache's invalidator) holds for a
+    /// consumer that has not taken them; past it they are dropped, counted
+    /// and reported as a gap.
+    pub subscriber_buffer: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -247,6 +251,7 @@ impl Default for RedisConfig {
             pool_size: 8,
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(5),
+            subscriber_buffer: crate::pubsub::DEFAULT_SUBSCRIBER_BUFFER,
         }
     }
 }
@@ -444,6 +449,7 @@ impl Config {
             ("max_payload_bytes", self.max_payload_bytes),
             ("postgres.pool_size", self.postgres.pool_size),
             ("redis.pool_size", self.redis.pool_size),
+            ("redis.subscriber_buffer", self.redis.subscriber_buffer),
             ("relay.batch_size", self.relay.batch_size),
             ("relay.concurrency", self.relay.concurrency),
             (
