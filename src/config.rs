@@ -161,6 +161,10 @@ pub struct SchedulerConfig {
     /// follows its schedule's misfire policy.
     #[serde(with = "humantime_serde")]
     pub misfire_grace: Duration,
+    /// …or more than this fraction of the schedule's period late, when that
+    /// is longer (0.1: a daily tick has 2.4 h, an hourly one 6 min), so an
+    /// outage of seconds never drops a daily tick. 0 leaves the fixed grace.
+    pub misfire_grace_fraction: f64,
     /// Most missed ticks one catch-up of a `misfire = "all"` schedule fires
     /// (the latest ones).
     pub max_backfill: usize,
@@ -172,6 +176,7 @@ impl Default for SchedulerConfig {
             enabled: true,
             poll_interval: Duration::from_secs(30),
             misfire_grace: Duration::from_secs(5),
+            misfire_grace_fraction: 0.1,
             max_backfill: 100,
         }
     }
@@ -518,6 +523,12 @@ impl Config {
                 self.worker.lease
             )));
         }
+        if !(0.0..=1.0).contains(&self.scheduler.misfire_grace_fraction) {
+            return Err(Error::Config(format!(
+                "scheduler.misfire_grace_fraction must be between 0 and 1, got {}",
+                self.scheduler.misfire_grace_fraction
+            )));
+        }
         if self.scheduler.poll_interval < Duration::from_millis(100) {
             return Err(Error::Config(format!(
                 "scheduler.poll_interval must be at least 100ms, got {:?}",
@@ -571,7 +582,9 @@ impl Config {
     }
 }
 
-/// Replace the password of a URL with `****`; leave anything unparsable as
+/// Replace the password of a URL, and the value of every query parameter
+/// that may hold a secret (`?password=`, `sslpassword`, `token`, `secret`,
+/// `api_key`, …), with `****`; leave anything unparsable as
 /// `<unparsable URL>` so that a secret never reaches a log.
 pub fn mask_url(raw: &str) -> String {
     match url::Url::parse(raw) {
@@ -579,10 +592,41 @@ pub fn mask_url(raw: &str) -> String {
             if url.password().is_some() {
                 let _ = url.set_password(Some("****"));
             }
+            if url.query().is_some() {
+                let pairs: Vec<(String, String)> = url
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let v = if secret_param(&k) {
+                            "****".to_string()
+                        } else {
+                            v.into_owned()
+                        };
+                        (k.into_owned(), v)
+                    })
+                    .collect();
+                url.query_pairs_mut().clear().extend_pairs(pairs);
+            }
             url.to_string()
         }
         Err(_) => "<unparsable URL>".into(),
     }
+}
+
+/// Query parameter names whose values are (or may be) secrets.
+fn secret_param(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    [
+        "pass",
+        "pwd",
+        "secret",
+        "token",
+        "key",
+        "auth",
+        "credential",
+        "sig",
+    ]
+    .iter()
+    .any(|s| name.contains(s))
 }
 
 #[cfg(test)]

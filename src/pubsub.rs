@@ -139,6 +139,8 @@ pub struct Subscriber {
     backoff_min: Duration,
     backoff_max: Duration,
     buffer: usize,
+    /// Why a topic or pattern given can never match, reported by `connect`.
+    invalid: Option<String>,
     lost: Option<(DateTime<Utc>, String)>,
 }
 
@@ -163,6 +165,7 @@ impl Subscriber {
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(2),
             buffer: DEFAULT_SUBSCRIBER_BUFFER,
+            invalid: None,
             lost: None,
         })
     }
@@ -196,17 +199,40 @@ impl Subscriber {
         self.conn.as_ref().map(|live| live.rx.len()).unwrap_or(0)
     }
 
-    /// Receive events of exactly this topic.
+    /// Receive events of exactly this topic. A topic that is not valid
+    /// (see [`crate::outbox::validate_topic`]) makes `connect` fail.
     pub fn topic(mut self, topic: &str) -> Subscriber {
+        if let Err(e) = crate::outbox::validate_topic(topic) {
+            self.invalid
+                .get_or_insert(format!("{e}: no event can have it"));
+        }
+        self.note_prefix(topic);
         self.channels.push(format!("{}{topic}", self.prefix));
         self
     }
 
     /// Receive events whose topic matches a Redis glob such as `payment.*`
-    /// (`*` for every topic).
+    /// (`*` for every topic). A pattern that no topic can match (a character
+    /// topics never hold, such as `#`, `/` or a space) makes `connect` fail.
     pub fn pattern(mut self, pattern: &str) -> Subscriber {
+        if let Err(e) = check_pattern(pattern) {
+            self.invalid.get_or_insert(e);
+        }
+        self.note_prefix(pattern);
         self.patterns.push(format!("{}{pattern}", self.prefix));
         self
+    }
+
+    /// Topics are given without the channel prefix, which is added here: one
+    /// that starts with it would be looked for under the prefix twice.
+    fn note_prefix(&mut self, spec: &str) {
+        if !self.prefix.is_empty() && spec.starts_with(&self.prefix) {
+            self.invalid.get_or_insert(format!(
+                "{spec:?} starts with the channel prefix {:?}, which is added to every topic: give {:?}",
+                self.prefix,
+                &spec[self.prefix.len()..]
+            ));
+        }
     }
 
     /// Subscribe to `spec`: a pattern when it holds `*`, `?` or `[`, else a topic.
@@ -225,6 +251,11 @@ impl Subscriber {
             return Err(Error::Other(
                 "subscriber has no topic or pattern to subscribe to".into(),
             ));
+        }
+        if let Some(reason) = &self.invalid {
+            return Err(Error::Other(format!(
+                "cannot subscribe: {reason}; topics are 1 to 255 letters, digits, '.', '_', '-' or ':', and patterns add the Redis glob characters '*', '?', '[...]'"
+            )));
         }
         // Drop any previous connection (and its reader) before opening one.
         self.conn = None;
@@ -359,6 +390,27 @@ impl Subscriber {
         self.conn = None;
         self.lost = Some((Utc::now(), reason));
     }
+}
+
+/// `Err(reason)` when no topic can match the Redis glob `pattern`: it is
+/// empty, or holds a character that is neither a topic character nor a glob
+/// one (`*`, `?`, `[`, `]`, `^`, `-`, `\`).
+fn check_pattern(pattern: &str) -> std::result::Result<(), String> {
+    if pattern.is_empty() {
+        return Err("the pattern is empty".into());
+    }
+    if let Some(bad) = pattern.chars().find(|c| {
+        !(c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                '.' | '_' | '-' | ':' | '*' | '?' | '[' | ']' | '^' | '\\'
+            ))
+    }) {
+        return Err(format!(
+            "pattern {pattern:?} holds {bad:?}, which no topic contains, so it can never match"
+        ));
+    }
+    Ok(())
 }
 
 /// Move messages from the connection into the bounded buffer as fast as they
