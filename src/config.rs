@@ -470,6 +470,13 @@ impl Config {
                 return Err(Error::Config(format!("{name} must be at least 1")));
             }
         }
+        if self.redis.subscriber_buffer > crate::pubsub::MAX_SUBSCRIBER_BUFFER {
+            return Err(Error::Config(format!(
+                "redis.subscriber_buffer must be at most {}, got {}",
+                crate::pubsub::MAX_SUBSCRIBER_BUFFER,
+                self.redis.subscriber_buffer
+            )));
+        }
         if self.partitions == 0 || self.partitions > 1024 {
             return Err(Error::Config(format!(
                 "partitions must be between 1 and 1024, got {}",
@@ -575,6 +582,9 @@ impl Config {
         for sub in &mut shown.subscriptions {
             if sub.secret.is_some() {
                 sub.secret = Some("****".into());
+            }
+            if let Some(url) = &sub.webhook {
+                sub.webhook = Some(mask_url(url));
             }
         }
         toml::to_string_pretty(&shown)
@@ -782,6 +792,37 @@ mod tests {
     }
 
     #[test]
+    fn subscriber_buffer_and_grace_fraction_come_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HERALD_REDIS_SUBSCRIBER_BUFFER", "500");
+            jail.set_env("HERALD_SCHEDULER_MISFIRE_GRACE_FRACTION", "0.25");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.redis.subscriber_buffer, 500);
+            assert_eq!(c.scheduler.misfire_grace_fraction, 0.25);
+            Ok(())
+        });
+        for (var, value, needle) in [
+            (
+                "HERALD_REDIS_SUBSCRIBER_BUFFER",
+                "0",
+                "redis.subscriber_buffer",
+            ),
+            (
+                "HERALD_SCHEDULER_MISFIRE_GRACE_FRACTION",
+                "1.5",
+                "misfire_grace_fraction",
+            ),
+        ] {
+            figment::Jail::expect_with(|jail| {
+                jail.set_env(var, value);
+                let err = Config::load(None).unwrap_err().to_string();
+                assert!(err.contains(needle), "{err}");
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
     fn masking_hides_passwords() {
         assert_eq!(
             mask_url("postgres://app:hunter2@db:5432/app"),
@@ -789,5 +830,9 @@ mod tests {
         );
         assert_eq!(mask_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
         assert_eq!(mask_url("::::"), "<unparsable URL>");
+        assert_eq!(
+            mask_url("postgres://db/app?user=app&password=hunter2&sslmode=require"),
+            "postgres://db/app?user=app&password=****&sslmode=require"
+        );
     }
 }

@@ -92,6 +92,8 @@ pub struct Gap {
 
 /// Default of [`Subscriber::buffer`] and `redis.subscriber_buffer`.
 pub const DEFAULT_SUBSCRIBER_BUFFER: usize = 10_000;
+/// Largest [`Subscriber::buffer`] (and `redis.subscriber_buffer`).
+pub const MAX_SUBSCRIBER_BUFFER: usize = 1 << 24;
 
 /// What the reader task hands to [`Subscriber::next`] through the bounded
 /// buffer.
@@ -173,7 +175,10 @@ impl Subscriber {
     pub fn from_config(config: &Config) -> Result<Subscriber> {
         let mut s = Subscriber::new(&config.redis_url, &config.channel_prefix)?;
         s.connect_timeout = config.redis.connect_timeout;
-        s.buffer = config.redis.subscriber_buffer.max(1);
+        s.buffer = config
+            .redis
+            .subscriber_buffer
+            .clamp(1, MAX_SUBSCRIBER_BUFFER);
         Ok(s)
     }
 
@@ -185,11 +190,11 @@ impl Subscriber {
     }
 
     /// Most messages held for a consumer that has not taken them yet
-    /// (default 10,000; at least 1). Past it, messages are dropped and
-    /// counted, and the consumer gets a [`Delivery::Gap`]. Takes effect at
-    /// the next connect.
+    /// (default 10,000; 1 to [`MAX_SUBSCRIBER_BUFFER`]). Past it, messages
+    /// are dropped and counted, and the consumer gets a [`Delivery::Gap`].
+    /// Takes effect at the next connect.
     pub fn buffer(mut self, messages: usize) -> Subscriber {
-        self.buffer = messages.max(1);
+        self.buffer = messages.clamp(1, MAX_SUBSCRIBER_BUFFER);
         self
     }
 
