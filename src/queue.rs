@@ -160,6 +160,12 @@ impl Task {
                 self.payload.len()
             )));
         }
+        if !self.headers.is_empty() {
+            let headers = serde_json::to_string(&self.headers).unwrap_or_default();
+            crate::outbox::check_depth(&headers).map_err(|e| {
+                Error::InvalidTask(format!("headers of task kind {:?}: {e}", self.kind))
+            })?;
+        }
         Ok(())
     }
 

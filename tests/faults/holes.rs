@@ -274,6 +274,17 @@ async fn payloads_nested_too_deep_are_refused_where_they_enter() {
             .map(|_| ())
             .map_err(|e| pg_error(&e)),
     );
+    refused.push(
+        herald::enqueue(
+            &client,
+            &Task::new("hole.deep", &json!({}))
+                .unwrap()
+                .header("deep", deep.clone()),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string()),
+    );
     let accepted = refused.iter().filter(|r| r.is_ok()).count();
     eprintln!(
         "150 levels deep: {accepted} of {} entries accepted",
