@@ -793,7 +793,9 @@ impl<C: Send + Sync + 'static> Cache<C> {
     /// Subscribe to committed outbox events whose topic matches `pattern`
     /// (a topic, or a glob such as `user.*`) and invalidate the keys `map`
     /// returns for each. After a gap in the subscription (Redis connection
-    /// lost, events possibly missed) the whole namespace is invalidated
+    /// lost, or the invalidator fell behind and its buffer of
+    /// `redis.subscriber_buffer` events overflowed: events possibly missed)
+    /// the whole namespace is invalidated
     /// with [`Cache::invalidate_all`]. Needs the event source of
     /// [`CacheBuilder::from_config`] or [`CacheBuilder::events`]. Returns
     /// once subscribed; the task runs until the handle is stopped or dropped.
@@ -862,11 +864,14 @@ impl<C: Send + Sync + 'static> Cache<C> {
                         }
                     }
                     Ok(Delivery::Gap(gap)) => {
+                        // A lost connection and a full buffer alike: events
+                        // were missed, so nothing cached can be trusted.
                         tracing::warn!(
                             disconnected_at = %gap.disconnected_at,
                             reason = %gap.reason,
+                            dropped = ?gap.dropped,
                             namespace = %cache.inner.namespace,
-                            "cache: events may have been missed while the subscriber was disconnected; invalidating the whole namespace"
+                            "cache: events may have been missed (subscriber disconnected or fell behind); invalidating the whole namespace"
                         );
                         must_flush = true;
                     }

@@ -520,12 +520,20 @@ async fn tail(config: &Config, patterns: &[String]) -> anyhow::Result<()> {
             Delivery::Event { envelope, .. } => {
                 println!("{}", serde_json::to_string(&envelope)?);
             }
-            Delivery::Gap(gap) => eprintln!(
-                "herald tail: disconnected from Redis {} .. {} ({}); events published then were missed",
-                gap.disconnected_at.to_rfc3339(),
-                gap.reconnected_at.to_rfc3339(),
-                gap.reason
-            ),
+            Delivery::Gap(gap) => match gap.dropped {
+                Some(n) => eprintln!(
+                    "herald tail: {n} events dropped {} .. {}: {}",
+                    gap.disconnected_at.to_rfc3339(),
+                    gap.reconnected_at.to_rfc3339(),
+                    gap.reason
+                ),
+                None => eprintln!(
+                    "herald tail: disconnected from Redis {} .. {} ({}); events published then were missed",
+                    gap.disconnected_at.to_rfc3339(),
+                    gap.reconnected_at.to_rfc3339(),
+                    gap.reason
+                ),
+            },
             Delivery::Undecodable { channel, error } => {
                 eprintln!("herald tail: not a Herald envelope on {channel}: {error}")
             }

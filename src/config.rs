@@ -74,6 +74,10 @@ pub struct RedisConfig {
     /// How long one Redis round trip may take before it counts as failed.
     #[serde(with = "humantime_serde")]
     pub response_timeout: Duration,
+    /// Most messages a `Subscriber` (and a cache's invalidator) holds for a
+    /// consumer that has not taken them; past it they are dropped, counted
+    /// and reported as a gap.
+    pub subscriber_buffer: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -157,6 +161,10 @@ pub struct SchedulerConfig {
     /// follows its schedule's misfire policy.
     #[serde(with = "humantime_serde")]
     pub misfire_grace: Duration,
+    /// …or more than this fraction of the schedule's period late, when that
+    /// is longer (0.1: a daily tick has 2.4 h, an hourly one 6 min), so an
+    /// outage of seconds never drops a daily tick. 0 leaves the fixed grace.
+    pub misfire_grace_fraction: f64,
     /// Most missed ticks one catch-up of a `misfire = "all"` schedule fires
     /// (the latest ones).
     pub max_backfill: usize,
@@ -168,6 +176,7 @@ impl Default for SchedulerConfig {
             enabled: true,
             poll_interval: Duration::from_secs(30),
             misfire_grace: Duration::from_secs(5),
+            misfire_grace_fraction: 0.1,
             max_backfill: 100,
         }
     }
@@ -247,6 +256,7 @@ impl Default for RedisConfig {
             pool_size: 8,
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(5),
+            subscriber_buffer: crate::pubsub::DEFAULT_SUBSCRIBER_BUFFER,
         }
     }
 }
@@ -444,6 +454,7 @@ impl Config {
             ("max_payload_bytes", self.max_payload_bytes),
             ("postgres.pool_size", self.postgres.pool_size),
             ("redis.pool_size", self.redis.pool_size),
+            ("redis.subscriber_buffer", self.redis.subscriber_buffer),
             ("relay.batch_size", self.relay.batch_size),
             ("relay.concurrency", self.relay.concurrency),
             (
@@ -458,6 +469,13 @@ impl Config {
             if value == 0 {
                 return Err(Error::Config(format!("{name} must be at least 1")));
             }
+        }
+        if self.redis.subscriber_buffer > crate::pubsub::MAX_SUBSCRIBER_BUFFER {
+            return Err(Error::Config(format!(
+                "redis.subscriber_buffer must be at most {}, got {}",
+                crate::pubsub::MAX_SUBSCRIBER_BUFFER,
+                self.redis.subscriber_buffer
+            )));
         }
         if self.partitions == 0 || self.partitions > 1024 {
             return Err(Error::Config(format!(
@@ -512,6 +530,12 @@ impl Config {
                 self.worker.lease
             )));
         }
+        if !(0.0..=1.0).contains(&self.scheduler.misfire_grace_fraction) {
+            return Err(Error::Config(format!(
+                "scheduler.misfire_grace_fraction must be between 0 and 1, got {}",
+                self.scheduler.misfire_grace_fraction
+            )));
+        }
         if self.scheduler.poll_interval < Duration::from_millis(100) {
             return Err(Error::Config(format!(
                 "scheduler.poll_interval must be at least 100ms, got {:?}",
@@ -559,13 +583,18 @@ impl Config {
             if sub.secret.is_some() {
                 sub.secret = Some("****".into());
             }
+            if let Some(url) = &sub.webhook {
+                sub.webhook = Some(mask_url(url));
+            }
         }
         toml::to_string_pretty(&shown)
             .unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
     }
 }
 
-/// Replace the password of a URL with `****`; leave anything unparsable as
+/// Replace the password of a URL, and the value of every query parameter
+/// that may hold a secret (`?password=`, `sslpassword`, `token`, `secret`,
+/// `api_key`, …), with `****`; leave anything unparsable as
 /// `<unparsable URL>` so that a secret never reaches a log.
 pub fn mask_url(raw: &str) -> String {
     match url::Url::parse(raw) {
@@ -573,10 +602,41 @@ pub fn mask_url(raw: &str) -> String {
             if url.password().is_some() {
                 let _ = url.set_password(Some("****"));
             }
+            if url.query().is_some() {
+                let pairs: Vec<(String, String)> = url
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let v = if secret_param(&k) {
+                            "****".to_string()
+                        } else {
+                            v.into_owned()
+                        };
+                        (k.into_owned(), v)
+                    })
+                    .collect();
+                url.query_pairs_mut().clear().extend_pairs(pairs);
+            }
             url.to_string()
         }
         Err(_) => "<unparsable URL>".into(),
     }
+}
+
+/// Query parameter names whose values are (or may be) secrets.
+fn secret_param(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    [
+        "pass",
+        "pwd",
+        "secret",
+        "token",
+        "key",
+        "auth",
+        "credential",
+        "sig",
+    ]
+    .iter()
+    .any(|s| name.contains(s))
 }
 
 #[cfg(test)]
@@ -732,6 +792,37 @@ mod tests {
     }
 
     #[test]
+    fn subscriber_buffer_and_grace_fraction_come_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HERALD_REDIS_SUBSCRIBER_BUFFER", "500");
+            jail.set_env("HERALD_SCHEDULER_MISFIRE_GRACE_FRACTION", "0.25");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.redis.subscriber_buffer, 500);
+            assert_eq!(c.scheduler.misfire_grace_fraction, 0.25);
+            Ok(())
+        });
+        for (var, value, needle) in [
+            (
+                "HERALD_REDIS_SUBSCRIBER_BUFFER",
+                "0",
+                "redis.subscriber_buffer",
+            ),
+            (
+                "HERALD_SCHEDULER_MISFIRE_GRACE_FRACTION",
+                "1.5",
+                "misfire_grace_fraction",
+            ),
+        ] {
+            figment::Jail::expect_with(|jail| {
+                jail.set_env(var, value);
+                let err = Config::load(None).unwrap_err().to_string();
+                assert!(err.contains(needle), "{err}");
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
     fn masking_hides_passwords() {
         assert_eq!(
             mask_url("postgres://app:hunter2@db:5432/app"),
@@ -739,5 +830,9 @@ mod tests {
         );
         assert_eq!(mask_url("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
         assert_eq!(mask_url("::::"), "<unparsable URL>");
+        assert_eq!(
+            mask_url("postgres://db/app?user=app&password=hunter2&sslmode=require"),
+            "postgres://db/app?user=app&password=****&sslmode=require"
+        );
     }
 }

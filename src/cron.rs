@@ -58,7 +58,9 @@ or 6 with seconds first, such as \"*/5 * * * *\" or \"0 30 2 * * MON-FRI\", or o
 // Expressions, zones and ticks
 
 /// What to do with ticks that passed while no scheduler ran (more than
-/// `scheduler.misfire_grace` late when a scheduler gets to them).
+/// `scheduler.misfire_grace`, or `scheduler.misfire_grace_fraction` of the
+/// schedule's period when that is longer, late when a scheduler gets to
+/// them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Misfire {
     /// Fire nothing for them; continue with the next future tick.
@@ -685,10 +687,23 @@ pub async fn list<C: GenericClient + Sync>(client: &C) -> Result<Vec<ScheduleRow
 /// The scheduler settings a plan depends on.
 #[derive(Debug, Clone, Copy)]
 pub struct MisfireRules {
-    /// A tick later than this when a scheduler gets to it was missed.
+    /// A tick later than this when a scheduler gets to it was missed…
     pub grace: Duration,
+    /// …or later than this fraction of the schedule's period, when that is
+    /// longer: a daily tick 10 s late (a failover) is late, not missed.
+    pub grace_fraction: f64,
     /// Most ticks one `all` catch-up fires (the latest ones).
     pub max_backfill: usize,
+}
+
+impl MisfireRules {
+    pub fn from_config(config: &crate::config::SchedulerConfig) -> MisfireRules {
+        MisfireRules {
+            grace: config.misfire_grace,
+            grace_fraction: config.misfire_grace_fraction,
+            max_backfill: config.max_backfill,
+        }
+    }
 }
 
 /// One task to insert for a tick.
@@ -745,7 +760,18 @@ pub fn plan(
     let Some(due) = next_run_at else {
         return plan;
     };
-    let grace = chrono::Duration::from_std(rules.grace).unwrap_or(chrono::Duration::zero());
+    let mut grace = chrono::Duration::from_std(rules.grace).unwrap_or(chrono::Duration::zero());
+    // The period at the due tick: the grace grows with it, so a short outage
+    // never drops a tick that comes once a day.
+    if rules.grace_fraction > 0.0 {
+        let period = when
+            .first_at_or_after(due)
+            .and_then(|t| when.next_after(t).map(|n| n - t));
+        if let Ok(period) = period {
+            let scaled = period.num_milliseconds() as f64 * rules.grace_fraction.min(1.0);
+            grace = grace.max(chrono::Duration::milliseconds(scaled as i64));
+        }
+    }
     let missed_before = now - grace;
     let cap = rules.max_backfill.max(1);
     if due >= missed_before {
@@ -916,10 +942,7 @@ impl Scheduler {
             self.stats.clone(),
             shutdown.clone(),
         ));
-        let rules = MisfireRules {
-            grace: self.config.scheduler.misfire_grace,
-            max_backfill: self.config.scheduler.max_backfill,
-        };
+        let rules = MisfireRules::from_config(&self.config.scheduler);
         let poll = self.config.scheduler.poll_interval;
         tracing::info!(
             configured = self.config.schedules.len(),
@@ -1702,8 +1725,46 @@ mod tests {
     fn rules() -> MisfireRules {
         MisfireRules {
             grace: Duration::from_secs(5),
+            grace_fraction: 0.1,
             max_backfill: 100,
         }
+    }
+
+    #[test]
+    fn the_grace_scales_with_the_period() {
+        // A daily tick 10 s late fires under skip; a minutely one 10 s late
+        // is missed (its grace is max(5 s, 6 s)).
+        let daily = plan(
+            "0 2 * * *",
+            "UTC",
+            Misfire::Skip,
+            Some(utc("2026-06-01T02:00:00Z")),
+            utc("2026-06-01T02:00:10Z"),
+            rules(),
+        );
+        assert_eq!(daily.fires.len(), 1);
+        assert_eq!(daily.dropped, 0);
+        let minutely = plan(
+            "* * * * *",
+            "UTC",
+            Misfire::Skip,
+            Some(utc("2026-06-01T02:00:00Z")),
+            utc("2026-06-01T02:00:10Z"),
+            rules(),
+        );
+        assert!(minutely.fires.is_empty());
+        let off = plan(
+            "0 2 * * *",
+            "UTC",
+            Misfire::Skip,
+            Some(utc("2026-06-01T02:00:00Z")),
+            utc("2026-06-01T02:00:10Z"),
+            MisfireRules {
+                grace_fraction: 0.0,
+                ..rules()
+            },
+        );
+        assert!(off.fires.is_empty(), "fraction 0: the fixed grace alone");
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub struct DeadLetter {
     pub kind: Option<String>,
     pub queue: Option<String>,
     pub key: Option<String>,
+    /// A task's unique key, put back on the task when it is replayed.
+    pub unique_key: Option<String>,
     pub payload: Value,
     pub headers: Value,
     pub attempts: i32,
@@ -55,6 +57,7 @@ impl DeadLetter {
             kind: row.get("kind"),
             queue: row.get("queue"),
             key: row.get("key"),
+            unique_key: row.get("unique_key"),
             payload: row.get("payload"),
             headers: row.get("headers"),
             attempts: row.get("attempts"),
@@ -87,8 +90,8 @@ const MATCHES: &str = "($1::text IS NULL OR queue = $1)
       AND ($4::text IS NULL OR failed_at >= now() - $4::text::interval)
       AND ($5::text IS NULL OR strpos(lower(coalesce(last_error, '')), lower($5)) > 0)";
 
-const COLUMNS: &str = "id, source, original_id, event_id, topic, kind, queue, key, payload, \
-     headers, attempts, errors, last_error, created_at, failed_at";
+const COLUMNS: &str = "id, source, original_id, event_id, topic, kind, queue, key, unique_key, \
+     payload, headers, attempts, errors, last_error, created_at, failed_at";
 
 impl Filter {
     fn validate(&self) -> Result<()> {
@@ -175,6 +178,12 @@ pub async fn replay<C: GenericClient + Sync>(client: &C, id: i64) -> Result<i64>
             Some(db) if db.code().code() == "P0002" => {
                 Error::Other(format!("no dead letter with id {id}"))
             }
+            // A live task holds its unique key; the dead letter stays.
+            Some(db) if db.code().code() == "23505" => Error::Other(format!(
+                "{}{}",
+                db.message().trim_start_matches("herald: "),
+                db.hint().map(|h| format!(" ({h})")).unwrap_or_default()
+            )),
             _ => Error::Postgres {
                 context: format!("replaying dead letter {id}"),
                 error,
@@ -192,7 +201,8 @@ pub struct Replayed {
 
 /// Replay up to `limit` dead letters matching `filter`, oldest first, in one
 /// statement (so in the caller's transaction, if any). Rows another replay
-/// holds are skipped rather than waited for.
+/// holds are skipped rather than waited for, and so are tasks whose unique
+/// key a live task holds now (they stay dead letters; [`replay`] says why).
 pub async fn replay_matching<C: GenericClient + Sync>(
     client: &C,
     filter: &Filter,
@@ -201,7 +211,15 @@ pub async fn replay_matching<C: GenericClient + Sync>(
     filter.validate()?;
     let sql = format!(
         "WITH picked AS (
-             SELECT id FROM herald.dead_letters WHERE {MATCHES}
+             SELECT id FROM herald.dead_letters d WHERE {MATCHES}
+               AND (d.unique_key IS NULL OR NOT EXISTS (
+                   SELECT 1 FROM herald.tasks t
+                   WHERE t.unique_key = d.unique_key AND t.state IN ('ready', 'running'))
+                 -- One per key per statement: the second would find the
+                 -- first's new task holding it.
+                 AND NOT EXISTS (
+                   SELECT 1 FROM herald.dead_letters o
+                   WHERE o.unique_key = d.unique_key AND o.id < d.id))
              ORDER BY id LIMIT $6 FOR UPDATE SKIP LOCKED
          )
          SELECT id, herald.replay_dead_letter(id) FROM picked ORDER BY id"

@@ -18,6 +18,55 @@ use crate::error::{Context, Error, Result};
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
 /// Longest topic accepted.
 pub const MAX_TOPIC_LEN: usize = 255;
+/// Longest event key accepted, in bytes (also enforced by `herald.publish`).
+pub const MAX_KEY_BYTES: usize = 1024;
+/// Largest event headers accepted, in bytes of their JSON text (also
+/// enforced by `herald.publish`).
+pub const MAX_HEADERS_BYTES: usize = 16 * 1024;
+/// Deepest nesting of arrays and objects accepted in a payload or headers.
+/// Consumers decode with serde_json, which stops at 128 levels, and the
+/// envelope adds one: deeper JSON would be stored and then fail as "not
+/// JSON" at the relay or the worker. Also enforced in SQL.
+pub const MAX_JSON_DEPTH: usize = 100;
+
+/// How deeply arrays and objects nest in JSON text (0 for a scalar). One
+/// pass over the bytes, brackets inside strings ignored.
+pub fn json_depth(json: &str) -> usize {
+    let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for b in json.bytes() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    max
+}
+
+/// `Err(reason)` when `json` nests deeper than [`MAX_JSON_DEPTH`].
+pub(crate) fn check_depth(json: &str) -> std::result::Result<(), String> {
+    let depth = json_depth(json);
+    if depth > MAX_JSON_DEPTH {
+        return Err(format!(
+            "nested {depth} levels deep, the limit is {MAX_JSON_DEPTH} (consumers decode JSON at most 128 levels deep)"
+        ));
+    }
+    Ok(())
+}
 
 /// Well-known header names carried from producer to consumer.
 pub mod headers {
@@ -55,6 +104,8 @@ impl Event {
             what: format!("payload of topic {topic:?}"),
             error,
         })?;
+        check_depth(&payload)
+            .map_err(|e| Error::InvalidEvent(format!("payload of topic {topic:?}: {e}")))?;
         Ok(Event {
             id: Uuid::now_v7(),
             topic,
@@ -68,6 +119,10 @@ impl Event {
     pub fn from_json_str(topic: impl Into<String>, json: &str) -> Result<Event> {
         let topic = topic.into();
         validate_topic(&topic)?;
+        // Before parsing, so the limit is named rather than serde_json's
+        // "recursion limit exceeded".
+        check_depth(json)
+            .map_err(|e| Error::InvalidEvent(format!("payload of topic {topic:?}: {e}")))?;
         let value: &serde_json::value::RawValue =
             serde_json::from_str(json).map_err(|error| Error::Json {
                 what: format!("payload of topic {topic:?}"),
@@ -154,6 +209,8 @@ impl Event {
         &self.headers
     }
 
+    /// The payload limit, and the key and headers limits `herald.publish`
+    /// enforces too, before any round trip.
     pub(crate) fn check_size(&self, limit: usize) -> Result<()> {
         if self.payload.len() > limit {
             return Err(Error::PayloadTooLarge {
@@ -161,6 +218,28 @@ impl Event {
                 size: self.payload.len(),
                 limit,
             });
+        }
+        if let Some(key) = &self.key {
+            if key.len() > MAX_KEY_BYTES {
+                return Err(Error::InvalidEvent(format!(
+                    "key too long for topic {:?}: {} bytes, the limit is {MAX_KEY_BYTES} bytes",
+                    self.topic,
+                    key.len()
+                )));
+            }
+        }
+        if !self.headers.is_empty() {
+            let headers = serde_json::to_string(&self.headers).unwrap_or_default();
+            if headers.len() > MAX_HEADERS_BYTES {
+                return Err(Error::InvalidEvent(format!(
+                    "headers too large for topic {:?}: {} bytes of JSON, the limit is {MAX_HEADERS_BYTES} bytes",
+                    self.topic,
+                    headers.len()
+                )));
+            }
+            check_depth(&headers).map_err(|e| {
+                Error::InvalidEvent(format!("headers of topic {:?}: {e}", self.topic))
+            })?;
         }
         Ok(())
     }

@@ -72,8 +72,8 @@ pub async fn publish_all(
 pub enum Delivery {
     /// An event envelope; `channel` is the Redis channel it came on.
     Event { channel: String, envelope: Envelope },
-    /// The connection was lost and is back. Pub/sub does not replay, so
-    /// events published in between were not seen by this subscriber.
+    /// Events were missed: the connection was lost and is back (pub/sub does
+    /// not replay), or the consumer fell behind and its buffer overflowed.
     Gap(Gap),
     /// A message on a subscribed channel that is not a Herald envelope.
     Undecodable { channel: String, error: String },
@@ -84,21 +84,65 @@ pub struct Gap {
     pub disconnected_at: DateTime<Utc>,
     pub reconnected_at: DateTime<Utc>,
     pub reason: String,
+    /// How many messages were dropped, when known: set when the consumer
+    /// fell behind (counted as they were dropped), `None` after a lost
+    /// connection (Redis does not say what it could not send).
+    pub dropped: Option<u64>,
+}
+
+/// Default of [`Subscriber::buffer`] and `redis.subscriber_buffer`.
+pub const DEFAULT_SUBSCRIBER_BUFFER: usize = 10_000;
+/// Largest [`Subscriber::buffer`] (and `redis.subscriber_buffer`).
+pub const MAX_SUBSCRIBER_BUFFER: usize = 1 << 24;
+
+/// What the reader task hands to [`Subscriber::next`] through the bounded
+/// buffer.
+enum Item {
+    Message(redis::Msg),
+    /// Messages dropped because the buffer was full, between the two times.
+    Dropped {
+        count: u64,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    },
+}
+
+/// One live subscription: the sink for pings and the reader task that moves
+/// messages from the connection into the bounded buffer.
+struct Live {
+    sink: PubSubSink,
+    rx: tokio::sync::mpsc::Receiver<Item>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 /// Subscribes to topics and topic patterns on Redis and yields envelopes;
 /// reconnects and re-subscribes after Redis restarts, reporting each gap.
+///
+/// Messages wait in a buffer of at most [`Subscriber::buffer`] messages
+/// until `next` takes them. The redis crate reads a pub/sub connection into
+/// an unbounded channel, so a task of ours drains it at once into that
+/// bounded buffer; when the buffer is full it drops and counts, and the
+/// consumer gets a [`Delivery::Gap`] where the dropped messages were.
 pub struct Subscriber {
     client: redis::Client,
     url: String,
     prefix: String,
     channels: Vec<String>,
     patterns: Vec<String>,
-    conn: Option<(PubSubSink, PubSubStream)>,
+    conn: Option<Live>,
     connect_timeout: Duration,
     idle_ping: Duration,
     backoff_min: Duration,
     backoff_max: Duration,
+    buffer: usize,
+    /// Why a topic or pattern given can never match, reported by `connect`.
+    invalid: Option<String>,
     lost: Option<(DateTime<Utc>, String)>,
 }
 
@@ -122,6 +166,8 @@ impl Subscriber {
             idle_ping: Duration::from_secs(15),
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(2),
+            buffer: DEFAULT_SUBSCRIBER_BUFFER,
+            invalid: None,
             lost: None,
         })
     }
@@ -129,6 +175,10 @@ impl Subscriber {
     pub fn from_config(config: &Config) -> Result<Subscriber> {
         let mut s = Subscriber::new(&config.redis_url, &config.channel_prefix)?;
         s.connect_timeout = config.redis.connect_timeout;
+        s.buffer = config
+            .redis
+            .subscriber_buffer
+            .clamp(1, MAX_SUBSCRIBER_BUFFER);
         Ok(s)
     }
 
@@ -139,17 +189,55 @@ impl Subscriber {
         self
     }
 
-    /// Receive events of exactly this topic.
+    /// Most messages held for a consumer that has not taken them yet
+    /// (default 10,000; 1 to [`MAX_SUBSCRIBER_BUFFER`]). Past it, messages
+    /// are dropped and counted, and the consumer gets a [`Delivery::Gap`].
+    /// Takes effect at the next connect.
+    pub fn buffer(mut self, messages: usize) -> Subscriber {
+        self.buffer = messages.clamp(1, MAX_SUBSCRIBER_BUFFER);
+        self
+    }
+
+    /// Messages received and not yet taken by [`Subscriber::next`] (at most
+    /// [`Subscriber::buffer`], plus a dropped-count marker).
+    pub fn buffered(&self) -> usize {
+        self.conn.as_ref().map(|live| live.rx.len()).unwrap_or(0)
+    }
+
+    /// Receive events of exactly this topic. A topic that is not valid
+    /// (see [`crate::outbox::validate_topic`]) makes `connect` fail.
     pub fn topic(mut self, topic: &str) -> Subscriber {
+        if let Err(e) = crate::outbox::validate_topic(topic) {
+            self.invalid
+                .get_or_insert(format!("{e}: no event can have it"));
+        }
+        self.note_prefix(topic);
         self.channels.push(format!("{}{topic}", self.prefix));
         self
     }
 
     /// Receive events whose topic matches a Redis glob such as `payment.*`
-    /// (`*` for every topic).
+    /// (`*` for every topic). A pattern that no topic can match (a character
+    /// topics never hold, such as `#`, `/` or a space) makes `connect` fail.
     pub fn pattern(mut self, pattern: &str) -> Subscriber {
+        if let Err(e) = check_pattern(pattern) {
+            self.invalid.get_or_insert(e);
+        }
+        self.note_prefix(pattern);
         self.patterns.push(format!("{}{pattern}", self.prefix));
         self
+    }
+
+    /// Topics are given without the channel prefix, which is added here: one
+    /// that starts with it would be looked for under the prefix twice.
+    fn note_prefix(&mut self, spec: &str) {
+        if !self.prefix.is_empty() && spec.starts_with(&self.prefix) {
+            self.invalid.get_or_insert(format!(
+                "{spec:?} starts with the channel prefix {:?}, which is added to every topic: give {:?}",
+                self.prefix,
+                &spec[self.prefix.len()..]
+            ));
+        }
     }
 
     /// Subscribe to `spec`: a pattern when it holds `*`, `?` or `[`, else a topic.
@@ -169,6 +257,13 @@ impl Subscriber {
                 "subscriber has no topic or pattern to subscribe to".into(),
             ));
         }
+        if let Some(reason) = &self.invalid {
+            return Err(Error::Other(format!(
+                "cannot subscribe: {reason}; topics are 1 to 255 letters, digits, '.', '_', '-' or ':', and patterns add the Redis glob characters '*', '?', '[...]'"
+            )));
+        }
+        // Drop any previous connection (and its reader) before opening one.
+        self.conn = None;
         let fut = async {
             let pubsub = self
                 .client
@@ -188,12 +283,16 @@ impl Subscriber {
             }
             Ok::<_, Error>((sink, stream))
         };
-        let conn = tokio::time::timeout(self.connect_timeout, fut)
+        let (sink, stream) = tokio::time::timeout(self.connect_timeout, fut)
             .await
             .map_err(|_| {
                 Error::Timeout(self.connect_timeout, format!("connecting to {}", self.url))
             })??;
-        self.conn = Some(conn);
+        // One slot more than the buffer so that a dropped-count marker
+        // always fits behind a full buffer.
+        let (tx, rx) = tokio::sync::mpsc::channel(self.buffer + 1);
+        let reader = tokio::spawn(read_into(stream, tx, self.buffer, self.url.clone()));
+        self.conn = Some(Live { sink, rx, reader });
         Ok(())
     }
 
@@ -211,6 +310,7 @@ impl Subscriber {
                                 disconnected_at: since,
                                 reconnected_at: Utc::now(),
                                 reason,
+                                dropped: None,
                             }));
                         }
                     }
@@ -227,11 +327,11 @@ impl Subscriber {
                     }
                 }
             }
-            let Some((sink, stream)) = self.conn.as_mut() else {
+            let Some(live) = self.conn.as_mut() else {
                 continue;
             };
-            match tokio::time::timeout(self.idle_ping, stream.next()).await {
-                Ok(Some(msg)) => {
+            match tokio::time::timeout(self.idle_ping, live.rx.recv()).await {
+                Ok(Some(Item::Message(msg))) => {
                     let channel = msg.get_channel_name().to_string();
                     let bytes = msg.get_payload_bytes();
                     return Ok(match serde_json::from_slice::<Envelope>(bytes) {
@@ -242,12 +342,29 @@ impl Subscriber {
                         },
                     });
                 }
+                Ok(Some(Item::Dropped {
+                    count,
+                    since,
+                    until,
+                })) => {
+                    return Ok(Delivery::Gap(Gap {
+                        disconnected_at: since,
+                        reconnected_at: until,
+                        reason: format!(
+                            "the subscriber fell behind: its buffer of {} messages was full and {count} messages were dropped",
+                            self.buffer
+                        ),
+                        dropped: Some(count),
+                    }));
+                }
                 Ok(None) => self.mark_lost("connection closed".into()),
                 Err(_) => {
                     // Idle: make sure the connection is still alive.
-                    let ping =
-                        tokio::time::timeout(self.connect_timeout, sink.ping::<redis::Value>())
-                            .await;
+                    let ping = tokio::time::timeout(
+                        self.connect_timeout,
+                        live.sink.ping::<redis::Value>(),
+                    )
+                    .await;
                     match ping {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => self.mark_lost(format!("ping failed: {e}")),
@@ -277,5 +394,91 @@ impl Subscriber {
         );
         self.conn = None;
         self.lost = Some((Utc::now(), reason));
+    }
+}
+
+/// `Err(reason)` when no topic can match the Redis glob `pattern`: it is
+/// empty, or holds a character that is neither a topic character nor a glob
+/// one (`*`, `?`, `[`, `]`, `^`, `-`, `\`).
+fn check_pattern(pattern: &str) -> std::result::Result<(), String> {
+    if pattern.is_empty() {
+        return Err("the pattern is empty".into());
+    }
+    if let Some(bad) = pattern.chars().find(|c| {
+        !(c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                '.' | '_' | '-' | ':' | '*' | '?' | '[' | ']' | '^' | '\\'
+            ))
+    }) {
+        return Err(format!(
+            "pattern {pattern:?} holds {bad:?}, which no topic contains, so it can never match"
+        ));
+    }
+    Ok(())
+}
+
+/// Move messages from the connection into the bounded buffer as fast as they
+/// come, so the redis crate's own unbounded channel never grows. When the
+/// buffer is full, drop and count until it is half empty again (so that a
+/// consumer just keeping up gets one gap, not one per message), then queue
+/// one `Dropped` marker where the messages were, even if nothing more comes. Ends when the connection
+/// closes (after handing over any count still owed) or the subscriber is
+/// dropped.
+async fn read_into(
+    mut stream: PubSubStream,
+    tx: tokio::sync::mpsc::Sender<Item>,
+    buffer: usize,
+    url: String,
+) {
+    let mut dropped: Option<(u64, DateTime<Utc>)> = None;
+    loop {
+        if let Some((count, since)) = dropped {
+            // Dropping: count what comes until half the buffer is free,
+            // then queue the marker where the dropped messages were.
+            tokio::select! {
+                permits = tx.reserve_many(buffer / 2 + 1) => {
+                    let Ok(mut permits) = permits else { return };
+                    if let Some(permit) = permits.next() {
+                        permit.send(Item::Dropped { count, since, until: Utc::now() });
+                    }
+                    dropped = None;
+                }
+                msg = stream.next() => match msg {
+                    Some(_) => dropped = Some((count + 1, since)),
+                    None => break,
+                },
+            }
+            continue;
+        }
+        let msg = tokio::select! {
+            _ = tx.closed() => return,
+            msg = stream.next() => msg,
+        };
+        let Some(msg) = msg else { break };
+        // The last slot is kept for the marker: a message may take a slot
+        // only while the buffer holds fewer than `buffer` items.
+        if tx.capacity() <= 1 {
+            tracing::warn!(
+                component = "subscriber",
+                url = %url,
+                buffer,
+                "redis subscriber: the consumer fell behind and its buffer is full; dropping messages until it catches up"
+            );
+            dropped = Some((1, Utc::now()));
+            continue;
+        }
+        if tx.try_send(Item::Message(msg)).is_err() {
+            return;
+        }
+    }
+    if let Some((count, since)) = dropped {
+        let _ = tx
+            .send(Item::Dropped {
+                count,
+                since,
+                until: Utc::now(),
+            })
+            .await;
     }
 }

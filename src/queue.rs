@@ -55,6 +55,8 @@ impl Task {
             what: format!("payload of task kind {kind:?}"),
             error,
         })?;
+        crate::outbox::check_depth(&payload)
+            .map_err(|e| Error::InvalidTask(format!("payload of task kind {kind:?}: {e}")))?;
         Ok(Task::raw(kind, payload))
     }
 
@@ -62,6 +64,8 @@ impl Task {
     pub fn from_json_str(kind: impl Into<String>, json: &str) -> Result<Task> {
         let kind = kind.into();
         validate_name("task kind", &kind, 255)?;
+        crate::outbox::check_depth(json)
+            .map_err(|e| Error::InvalidTask(format!("payload of task kind {kind:?}: {e}")))?;
         let value: &serde_json::value::RawValue =
             serde_json::from_str(json).map_err(|error| Error::Json {
                 what: format!("payload of task kind {kind:?}"),
@@ -149,11 +153,18 @@ impl Task {
             )));
         }
         if self.payload.len() > limit {
-            return Err(Error::PayloadTooLarge {
-                topic: self.kind.clone(),
-                size: self.payload.len(),
-                limit,
-            });
+            // Named as a task kind: PayloadTooLarge speaks of topics.
+            return Err(Error::InvalidTask(format!(
+                "payload too large for task kind {:?}: {} bytes, the limit is {limit} bytes (max_payload_bytes)",
+                self.kind,
+                self.payload.len()
+            )));
+        }
+        if !self.headers.is_empty() {
+            let headers = serde_json::to_string(&self.headers).unwrap_or_default();
+            crate::outbox::check_depth(&headers).map_err(|e| {
+                Error::InvalidTask(format!("headers of task kind {:?}: {e}", self.kind))
+            })?;
         }
         Ok(())
     }

@@ -3,8 +3,11 @@
 //!
 //! It owns the request, its signature and the reading of the response (2xx
 //! done; 4xx other than 408 and 429 permanent; anything else retried by the
-//! task's policy). It never stores the secret anywhere but
-//! `herald.subscriptions`, and never follows redirects (a 3xx is a failure).
+//! task's policy; of an error response only the first
+//! `MAX_ERROR_BODY_BYTES` are read). It never stores the secret anywhere but
+//! `herald.subscriptions`, never writes the URL's path, query or credentials
+//! (often a secret themselves) into an error, a log or `last_error`, and
+//! never follows redirects (a 3xx is a failure).
 //!
 //! Signature: `Herald-Signature: v1=<hex(HMAC-SHA256(secret, "<Herald-Timestamp>.<body>"))>`.
 
@@ -29,6 +32,42 @@ pub mod headers {
 
 /// Longest a call may take when the subscription sets no timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Most bytes of an error response's body read (its start goes into the
+/// error); the rest is never read, so a huge or endless body costs nothing.
+pub const MAX_ERROR_BODY_BYTES: usize = 1024;
+
+/// A webhook URL as errors and logs show it: scheme, host and port only.
+/// Paths and queries of webhook URLs often are the secret (`/hooks/T0K3N`,
+/// `?token=…`), so they are replaced by `…`.
+pub fn display_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(url) => {
+            let host = url.host_str().unwrap_or("");
+            let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+            let rest = if url.path() != "/" || url.query().is_some() {
+                "/…"
+            } else {
+                ""
+            };
+            format!("{}://{host}{port}{rest}", url.scheme())
+        }
+        Err(_) => "<unparsable URL>".into(),
+    }
+}
+
+/// The start of a response body, at most `MAX_ERROR_BODY_BYTES` read.
+async fn body_start(mut response: reqwest::Response) -> String {
+    let mut bytes = Vec::new();
+    while bytes.len() < MAX_ERROR_BODY_BYTES {
+        match response.chunk().await {
+            Ok(Some(chunk)) => bytes.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    bytes.truncate(MAX_ERROR_BODY_BYTES);
+    String::from_utf8_lossy(&bytes).into_owned()
+}
 
 /// `v1=<hex>`: the signature of `body` sent at `timestamp` (Unix seconds).
 pub fn sign(secret: &str, timestamp: i64, body: &[u8]) -> String {
@@ -118,22 +157,27 @@ async fn deliver(ctx: TaskContext, envelope: Value) -> anyhow::Result<()> {
         .header(headers::SUBSCRIPTION, &name)
         .header(headers::ATTEMPT, ctx.attempt.to_string())
         .body(body);
+    let shown = format!("webhook of subscription {name:?} ({})", display_url(&url));
     let response = tokio::select! {
         r = request.send() => r,
-        _ = ctx.cancellation().cancelled() => anyhow::bail!("cancelled while calling {url}"),
+        _ = ctx.cancellation().cancelled() => anyhow::bail!("cancelled while calling the {shown}"),
     };
     let response = match response {
         Ok(r) => r,
-        Err(e) if e.is_timeout() => anyhow::bail!("POST {url}: no response within {timeout:?}"),
-        Err(e) => anyhow::bail!("POST {url}: {e}"),
+        Err(e) if e.is_timeout() => anyhow::bail!("POST {shown}: no response within {timeout:?}"),
+        // reqwest's message names the full URL; leave it out.
+        Err(e) => anyhow::bail!("POST {shown}: {}", e.without_url()),
     };
     let status = response.status();
     if status.is_success() {
         return Ok(());
     }
-    let text = response.text().await.unwrap_or_default();
+    let text = tokio::select! {
+        t = body_start(response) => t,
+        _ = ctx.cancellation().cancelled() => String::new(),
+    };
     let snippet: String = text.chars().take(200).collect();
-    let message = format!("POST {url}: HTTP {status}: {snippet}");
+    let message = format!("POST {shown}: HTTP {status}: {snippet}");
     if status.is_client_error()
         && status != reqwest::StatusCode::REQUEST_TIMEOUT
         && status != reqwest::StatusCode::TOO_MANY_REQUESTS

@@ -420,6 +420,14 @@ pub async fn dead_letters(config: &Config, command: DlqCommand) -> anyhow::Resul
                     replayed += batch.len();
                 }
                 println!("replayed {replayed} dead letters");
+                // What is left matched but was skipped: a live task holds
+                // its unique key.
+                let left = dlq::count(&client, &filter).await?;
+                if left > 0 {
+                    println!(
+                        "{left} matching dead letters were left: a live task holds their unique key (herald dlq replay ID names it)"
+                    );
+                }
             } else {
                 let mut failed = Vec::new();
                 for id in ids {
