@@ -382,6 +382,11 @@ SET state = 'succeeded', finished_at = now(), lease_expires_at = NULL, leased_by
 WHERE t.id = ANY($1) AND t.leased_by = $3 AND t.state = 'running'
   AND t.attempts = ($2::int[])[width_bucket(t.id, $1)]";
 
+// Completions that matched no row: those of tasks still unfinished were
+// refused by fencing (the others the handler completed itself).
+const STILL_UNFINISHED: &str =
+    "SELECT id FROM herald.tasks WHERE id = ANY($1) AND state IN ('ready', 'running')";
+
 const FAIL: &str = "SELECT herald.fail_task($1, $2, $3, $4, now() + make_interval(secs => $5), $6)";
 
 // Snooze and release give the attempt back: the task did not fail.
@@ -1009,16 +1014,27 @@ impl Shared {
     }
 
     async fn next_due(&self, queue: &str) -> Result<Option<f64>> {
-        let client = self.internal.get().await?;
-        let stmt = client
-            .prepare_cached(NEXT_DUE)
-            .await
-            .context("preparing next-due")?;
-        let row = client
-            .query_one(&stmt, &[&queue])
-            .await
-            .context("finding the next due task")?;
-        Ok(row.get(0))
+        let bound = self.claim_timeout();
+        let deadline = tokio::time::Instant::now() + bound;
+        let client = checkout(&self.internal, deadline, bound, "next-due").await?;
+        let row = tokio::time::timeout_at(deadline, async {
+            let stmt = client
+                .prepare_cached(NEXT_DUE)
+                .await
+                .context("preparing next-due")?;
+            client
+                .query_one(&stmt, &[&queue])
+                .await
+                .context("finding the next due task")
+        })
+        .await;
+        match row {
+            Ok(row) => Ok(row?.get(0)),
+            Err(_) => {
+                discard(client);
+                Err(Error::Timeout(bound, "finding the next due task".into()))
+            }
+        }
     }
 }
 
@@ -1308,7 +1324,11 @@ async fn execute(
         .map(|s| Duration::from_secs_f64(s.min(1e9)))
         .or(entry.options.timeout)
         .unwrap_or(shared.config.worker.task_timeout);
-    let run = AssertUnwindSafe((entry.handler)(ctx, value)).catch_unwind();
+    // The `herald.task.run` span is kept out of the log output (see
+    // telemetry::init); this one is not, so the lines a handler logs name
+    // its task and attempt.
+    let log_span = tracing::info_span!("task", task = id, attempt);
+    let run = AssertUnwindSafe((entry.handler)(ctx, value).instrument(log_span)).catch_unwind();
     let outcome = tokio::select! {
         r = run => Some(r),
         _ = token.cancelled() => None,
@@ -1413,11 +1433,19 @@ async fn complete(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Completio
         }
         let t0 = Instant::now();
         outcomes.clear();
-        outcomes.resize(batch.len(), None);
+        // Nothing to write for an attempt whose lease is gone.
+        outcomes.extend(
+            batch
+                .iter()
+                .map(|c| matches!(c.result, Result_::Abandoned).then_some(Ended::Lost)),
+        );
         let mut pause = Duration::from_millis(50);
         loop {
             let bound = shared.claim_timeout();
             let deadline = tokio::time::Instant::now() + bound;
+            if outcomes.iter().all(Option::is_some) {
+                break;
+            }
             let written = match checkout(&shared.internal, deadline, bound, "completions").await {
                 Ok(client) => {
                     let w = tokio::time::timeout_at(
@@ -1666,9 +1694,26 @@ async fn write_completions(
         // Fewer rows than ids: those leases had passed to someone else (or
         // the handler completed the task itself with `complete_in`).
         shared.stats.succeeded.fetch_add(completed, Relaxed);
+        // Rare: find which were refused, so that each is reported (a task
+        // still unfinished was rescued or taken by another worker).
+        let refused: Vec<i64> = if (completed as usize) < ids.len() {
+            client
+                .query(STILL_UNFINISHED, &[&ids])
+                .await
+                .context("finding refused completions")?
+                .iter()
+                .map(|r| r.get(0))
+                .collect()
+        } else {
+            Vec::new()
+        };
         for (c, o) in batch.iter().zip(outcomes.iter_mut()) {
             if o.is_none() && matches!(c.result, Result_::Done) {
-                *o = Some(Ended::Succeeded);
+                *o = Some(if refused.contains(&c.id) {
+                    Ended::Lost
+                } else {
+                    Ended::Succeeded
+                });
             }
         }
     }
