@@ -644,6 +644,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn worker_settings_that_cannot_work_are_refused() {
+        let mut c = Config::default();
+        assert!(c.validate().is_ok());
+        c.worker.heartbeat_interval = Some(Duration::from_secs(14));
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("worker.heartbeat_interval"), "{e}");
+        c.worker.heartbeat_interval = None;
+        c.worker.lease_margin = Some(Duration::from_secs(20));
+        assert!(c.validate().is_err());
+        c.worker.lease_margin = None;
+        c.worker.task_timeout = Duration::ZERO;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
     fn environment_overrides_file_overrides_defaults() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(

@@ -543,16 +543,27 @@ impl Lease {
             + Duration::from_micros(self.deadline_us.load(std::sync::atomic::Ordering::Relaxed))
     }
 
-    /// Resolves once the deadline passed without a renewal pushing it on.
-    async fn expired(&self, shared: &Shared) {
+    /// Resolves once the deadline passed without a renewal pushing it on,
+    /// or at `timeout_at`, whichever comes first.
+    async fn expired_or(&self, shared: &Shared, timeout_at: Instant) -> Limit {
         loop {
             let deadline = self.deadline(shared);
-            if Instant::now() >= deadline {
-                return;
+            let now = Instant::now();
+            if now >= deadline {
+                return Limit::Lease;
             }
-            tokio::time::sleep_until(deadline.into()).await;
+            if now >= timeout_at {
+                return Limit::Timeout;
+            }
+            tokio::time::sleep_until(deadline.min(timeout_at).into()).await;
         }
     }
+}
+
+/// Which limit ended a handler.
+enum Limit {
+    Lease,
+    Timeout,
 }
 
 #[derive(Debug)]
@@ -1329,26 +1340,30 @@ async fn execute(
     // its task and attempt.
     let log_span = tracing::info_span!("task", task = id, attempt);
     let run = AssertUnwindSafe((entry.handler)(ctx, value).instrument(log_span)).catch_unwind();
+    let timeout_at = Instant::now() + timeout;
     let outcome = tokio::select! {
         r = run => Some(r),
         _ = token.cancelled() => None,
-        _ = tokio::time::sleep(timeout) => {
-            token.cancel();
-            tracing::warn!(task = id, attempt, ?timeout, "task timed out; its handler was stopped");
-            return Result_::Failed {
-                error: format!("timed out after {timeout:?}"),
-                permanent: false,
-                retry_in: retry.delay(attempt),
-            };
-        }
-        // Dropping the handler's future here stops it before the server's
-        // lease can end, and the outcome is not written.
-        _ = lease.expired(shared) => {
-            shared.stop_attempt((id, attempt), StopReason::LeaseLost);
-            tracing::warn!(task = id, attempt, worker = &*shared.id,
-                "lease not renewed in time; handler stopped before another worker can take the task");
-            return Result_::Abandoned;
-        }
+        // One timer for both limits.
+        limit = lease.expired_or(shared, timeout_at) => match limit {
+            Limit::Timeout => {
+                token.cancel();
+                tracing::warn!(task = id, attempt, ?timeout, "task timed out; its handler was stopped");
+                return Result_::Failed {
+                    error: format!("timed out after {timeout:?}"),
+                    permanent: false,
+                    retry_in: retry.delay(attempt),
+                };
+            }
+            // Dropping the handler's future here stops it before the
+            // server's lease can end, and the outcome is not written.
+            Limit::Lease => {
+                shared.stop_attempt((id, attempt), StopReason::LeaseLost);
+                tracing::warn!(task = id, attempt, worker = &*shared.id,
+                    "lease not renewed in time; handler stopped before another worker can take the task");
+                return Result_::Abandoned;
+            }
+        },
     };
     let stop_reason = || {
         shared
