@@ -15,7 +15,8 @@
 
 ALTER TABLE herald.dead_letters ADD COLUMN unique_key text;
 
--- Bodies as in V2, plus the unique key carried into herald.dead_letters.
+-- Bodies as in V10 (bounded error texts and history), plus the unique key
+-- carried into herald.dead_letters.
 CREATE OR REPLACE FUNCTION herald.fail_task(
     p_id       bigint,
     p_attempt  integer,
@@ -29,6 +30,7 @@ AS $$
 DECLARE
     t herald.tasks;
     entry jsonb;
+    msg text := left(p_error, 8192);
 BEGIN
     SELECT * INTO t FROM herald.tasks
     WHERE id = p_id AND state = 'running' AND attempts = p_attempt AND leased_by = p_worker
@@ -36,11 +38,11 @@ BEGIN
     IF NOT FOUND THEN
         RETURN 'lost';
     END IF;
-    entry := jsonb_build_object('attempt', t.attempts, 'at', now(), 'worker', p_worker, 'error', p_error);
+    entry := jsonb_build_object('attempt', t.attempts, 'at', now(), 'worker', p_worker, 'error', msg);
     IF t.cancel_requested_at IS NOT NULL THEN
         UPDATE herald.tasks
         SET state = 'cancelled', finished_at = now(), lease_expires_at = NULL, leased_by = NULL,
-            last_error = p_error, errors = errors || entry
+            last_error = msg, errors = herald.append_error(errors, entry)
         WHERE id = p_id;
         RETURN 'cancelled';
     END IF;
@@ -49,13 +51,13 @@ BEGIN
         INSERT INTO herald.dead_letters
             (source, original_id, kind, queue, payload, headers, attempts, errors, last_error,
              created_at, priority, max_attempts, timeout, unique_key)
-        VALUES ('task', t.id, t.kind, t.queue, t.payload, t.headers, t.attempts, t.errors || entry,
-                p_error, t.created_at, t.priority, t.max_attempts, t.timeout, t.unique_key);
+        VALUES ('task', t.id, t.kind, t.queue, t.payload, t.headers, t.attempts, herald.append_error(t.errors, entry),
+                msg, t.created_at, t.priority, t.max_attempts, t.timeout, t.unique_key);
         RETURN 'dead';
     END IF;
     UPDATE herald.tasks
     SET state = 'ready', run_at = p_retry_at, lease_expires_at = NULL, leased_by = NULL,
-        last_error = p_error, errors = errors || entry
+        last_error = msg, errors = herald.append_error(errors, entry)
     WHERE id = p_id;
     -- Idle workers recompute when to wake.
     PERFORM pg_notify('herald_tasks', '');
@@ -85,19 +87,19 @@ BEGIN
         IF t.cancel_requested_at IS NOT NULL THEN
             UPDATE herald.tasks
             SET state = 'cancelled', finished_at = now(), lease_expires_at = NULL, leased_by = NULL,
-                last_error = msg, errors = errors || entry
+                last_error = msg, errors = herald.append_error(errors, entry)
             WHERE id = t.id;
         ELSIF t.attempts >= t.max_attempts THEN
             DELETE FROM herald.tasks WHERE id = t.id;
             INSERT INTO herald.dead_letters
                 (source, original_id, kind, queue, payload, headers, attempts, errors, last_error,
                  created_at, priority, max_attempts, timeout, unique_key)
-            VALUES ('task', t.id, t.kind, t.queue, t.payload, t.headers, t.attempts, t.errors || entry,
+            VALUES ('task', t.id, t.kind, t.queue, t.payload, t.headers, t.attempts, herald.append_error(t.errors, entry),
                     msg, t.created_at, t.priority, t.max_attempts, t.timeout, t.unique_key);
         ELSE
             UPDATE herald.tasks
             SET state = 'ready', run_at = now(), lease_expires_at = NULL, leased_by = NULL,
-                last_error = msg, errors = errors || entry
+                last_error = msg, errors = herald.append_error(errors, entry)
             WHERE id = t.id;
         END IF;
         n := n + 1;

@@ -118,10 +118,27 @@ pub struct WorkerConfig {
     pub concurrency: usize,
     /// Most tasks claimed in one statement.
     pub batch_size: usize,
-    /// How long a claim holds a task; extended every third of it while the
-    /// handler runs. A task whose lease expired is rescued (its worker died).
+    /// How long a claim holds a task; extended every `heartbeat_interval`
+    /// while the handler runs. A task whose lease expired is rescued (its
+    /// worker died or lost Postgres).
     #[serde(with = "humantime_serde")]
     pub lease: Duration,
+    /// How often the leases of running tasks are extended; unset is a third
+    /// of `lease`. Two intervals and `lease_margin` must fit in `lease`, so
+    /// that one failed heartbeat costs nothing.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Option<Duration>,
+    /// A worker stops a handler whose lease it has not renewed within
+    /// `lease - lease_margin` of the last renewal it sent, so the handler has
+    /// stopped before any other worker may rescue the task; unset is a tenth
+    /// of `lease`.
+    #[serde(with = "humantime_serde")]
+    pub lease_margin: Option<Duration>,
+    /// Longest a task may run when neither the task (`timeout`) nor its kind
+    /// (`KindOptions::timeout`) sets a limit; then it fails as timed out and
+    /// its slot is freed.
+    #[serde(with = "humantime_serde")]
+    pub task_timeout: Duration,
     /// Safety poll when no notification arrives.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
@@ -189,6 +206,9 @@ impl Default for WorkerConfig {
             concurrency: 10,
             batch_size: 500,
             lease: Duration::from_secs(30),
+            heartbeat_interval: None,
+            lease_margin: None,
+            task_timeout: Duration::from_secs(90 * 60),
             poll_interval: Duration::from_secs(5),
             rescue_interval: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(25),
@@ -201,6 +221,44 @@ impl Default for WorkerConfig {
 }
 
 impl WorkerConfig {
+    /// `heartbeat_interval`, or a third of the lease.
+    pub fn heartbeat_every(&self) -> Duration {
+        self.heartbeat_interval
+            .unwrap_or((self.lease / 3).max(Duration::from_millis(100)))
+    }
+
+    /// `lease_margin`, or a tenth of the lease.
+    pub fn lease_safety_margin(&self) -> Duration {
+        self.lease_margin.unwrap_or(self.lease / 10)
+    }
+
+    /// Settings of the worker that cannot work together.
+    pub fn validate(&self) -> Result<()> {
+        let every = self.heartbeat_every();
+        let margin = self.lease_safety_margin();
+        if every.is_zero() {
+            return Err(Error::Config(
+                "worker.heartbeat_interval must be more than 0".into(),
+            ));
+        }
+        // A renewal may fail once (a dropped connection) without the local
+        // deadline stopping healthy handlers.
+        if every * 2 + margin > self.lease {
+            return Err(Error::Config(format!(
+                "worker.heartbeat_interval ({every:?}) twice plus worker.lease_margin ({margin:?}) \
+                 must fit in worker.lease ({:?}): handlers would be stopped after a single \
+                 failed heartbeat; shorten the interval or the margin, or lengthen the lease",
+                self.lease
+            )));
+        }
+        if self.task_timeout.is_zero() {
+            return Err(Error::Config(
+                "worker.task_timeout must be more than 0 (e.g. 90m)".into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// `(queue, concurrency)` pairs from `queues`.
     pub fn queue_concurrency(&self) -> Vec<(String, usize)> {
         self.queues
@@ -536,6 +594,7 @@ impl Config {
                 self.scheduler.misfire_grace_fraction
             )));
         }
+        self.worker.validate()?;
         if self.scheduler.poll_interval < Duration::from_millis(100) {
             return Err(Error::Config(format!(
                 "scheduler.poll_interval must be at least 100ms, got {:?}",
@@ -643,6 +702,21 @@ fn secret_param(name: &str) -> bool {
 #[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
 mod tests {
     use super::*;
+
+    #[test]
+    fn worker_settings_that_cannot_work_are_refused() {
+        let mut c = Config::default();
+        assert!(c.validate().is_ok());
+        c.worker.heartbeat_interval = Some(Duration::from_secs(14));
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("worker.heartbeat_interval"), "{e}");
+        c.worker.heartbeat_interval = None;
+        c.worker.lease_margin = Some(Duration::from_secs(20));
+        assert!(c.validate().is_err());
+        c.worker.lease_margin = None;
+        c.worker.task_timeout = Duration::ZERO;
+        assert!(c.validate().is_err());
+    }
 
     #[test]
     fn environment_overrides_file_overrides_defaults() {

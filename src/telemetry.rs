@@ -40,6 +40,7 @@ pub mod names {
         pub const TASK_RESCUED: &str = "herald_task_rescued_total";
         pub const TASK_PICKUP: &str = "herald_task_pickup_seconds";
         pub const TASK_RUN: &str = "herald_task_run_seconds";
+        pub const TASK_OLDEST_RUNNING: &str = "herald_task_oldest_running_seconds";
         pub const RELAY_PUBLISHED: &str = "herald_relay_published_total";
         pub const RELAY_BATCH_SIZE: &str = "herald_relay_batch_size";
         pub const RELAY_FAILED_BATCHES: &str = "herald_relay_failed_batches_total";
@@ -61,6 +62,7 @@ pub mod names {
             TASK_RESCUED,
             TASK_PICKUP,
             TASK_RUN,
+            TASK_OLDEST_RUNNING,
             RELAY_PUBLISHED,
             RELAY_BATCH_SIZE,
             RELAY_FAILED_BATCHES,
@@ -463,6 +465,11 @@ fn describe_metrics() {
         TASK_RUN,
         Unit::Seconds,
         "Handler run time, by queue and kind"
+    );
+    describe_gauge!(
+        TASK_OLDEST_RUNNING,
+        Unit::Seconds,
+        "How long the longest-running task of this worker has run, by queue"
     );
     describe_counter!(RELAY_PUBLISHED, "Events published to Redis by the relay");
     describe_histogram!(

@@ -6,15 +6,24 @@
 //! - one *producer* per queue claims due tasks in batches with
 //!   `FOR UPDATE SKIP LOCKED` into `running` under a lease, bounded by the
 //!   queue's concurrency, and sleeps until the next `run_at` when idle;
-//! - *executors* run one handler each, with timeout, panic capture and
-//!   cancellation;
-//! - the *completer* writes outcomes, successes in batches;
-//! - the *heartbeat* extends the leases of running tasks and notices lost
-//!   ones and cancellation requests a NOTIFY missed;
+//! - *executors* run one handler each, with timeout (the task's, its
+//!   kind's, or `worker.task_timeout`), panic capture, cancellation, and a
+//!   local lease deadline: a handler whose lease was not renewed in time is
+//!   stopped before any other worker may rescue its task;
+//! - the *completer* writes outcomes, successes in batches, each outcome on
+//!   its own, retried while its lease holds;
+//! - the *heartbeat* extends the leases of running attempts (fenced by
+//!   attempt), pushes their local deadlines on, and notices lost ones and
+//!   cancellation requests a NOTIFY missed;
 //! - the *rescuer* returns tasks whose lease expired to the queue.
 //!
+//! Claims, completions, heartbeats and rescues use a small pool of the
+//! worker's own, which handlers never see, each statement bounded in time.
+//!
 //! It must never complete, retry or release a task whose lease it no longer
-//! holds: every write names the task's id, attempt and this worker's id.
+//! holds: every write names the task's id, attempt and this worker's id. It
+//! must never let a handler run past the point where another worker may
+//! take its task.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -373,6 +382,11 @@ SET state = 'succeeded', finished_at = now(), lease_expires_at = NULL, leased_by
 WHERE t.id = ANY($1) AND t.leased_by = $3 AND t.state = 'running'
   AND t.attempts = ($2::int[])[width_bucket(t.id, $1)]";
 
+// Completions that matched no row: those of tasks still unfinished were
+// refused by fencing (the others the handler completed itself).
+const STILL_UNFINISHED: &str =
+    "SELECT id FROM herald.tasks WHERE id = ANY($1) AND state IN ('ready', 'running')";
+
 const FAIL: &str = "SELECT herald.fail_task($1, $2, $3, $4, now() + make_interval(secs => $5), $6)";
 
 // Snooze and release give the attempt back: the task did not fail.
@@ -392,11 +406,26 @@ SET state = 'cancelled', finished_at = now(), lease_expires_at = NULL, leased_by
     last_error = $4
 WHERE id = $1 AND attempts = $2 AND leased_by = $3 AND state = 'running'";
 
+// Fenced by attempt: an earlier attempt's renewal must not extend a later
+// one's lease. $1 sorted and unique, as for COMPLETE_*.
 const HEARTBEAT: &str = "
-UPDATE herald.tasks
-SET lease_expires_at = now() + make_interval(secs => $3)
-WHERE id = ANY($1) AND leased_by = $2 AND state = 'running'
-RETURNING id, cancel_requested_at IS NOT NULL";
+UPDATE herald.tasks t
+SET lease_expires_at = now() + make_interval(secs => $4)
+WHERE t.id = ANY($1) AND t.leased_by = $3 AND t.state = 'running'
+  AND t.attempts = ($2::int[])[width_bucket(t.id, $1)]
+RETURNING t.id, t.attempts, t.cancel_requested_at IS NOT NULL";
+
+// After a failed claim: tasks leased to this worker in this queue that no
+// executor of it runs ($3) go back to the queue with the attempt the claim
+// charged given back; their run_at is kept, so they keep their place.
+const HAND_BACK: &str = "
+WITH u AS (
+    UPDATE herald.tasks
+    SET state = 'ready', attempts = attempts - 1, lease_expires_at = NULL, leased_by = NULL
+    WHERE state = 'running' AND leased_by = $1 AND queue = $2 AND NOT (id = ANY($3))
+    RETURNING 1
+)
+SELECT count(*) FROM u";
 
 const RESCUE: &str = "SELECT herald.rescue_expired_leases(1000)";
 
@@ -470,6 +499,71 @@ enum StopReason {
 struct Running {
     token: CancellationToken,
     reason: Option<StopReason>,
+    lease: Arc<Lease>,
+    queue: Arc<str>,
+    started: Instant,
+}
+
+/// A running attempt's key: a task re-claimed by this worker while its
+/// earlier attempt is still finishing is a second entry, renewed on its own.
+type AttemptKey = (i64, i32);
+
+/// The local view of one attempt's lease: the instant by which this worker
+/// stops the handler unless a renewal succeeds first.
+///
+/// The server's lease ends `lease` after *it* ran the claim or heartbeat,
+/// which is after this worker sent it; counting from the sending instant
+/// (minus `lease_margin`) ends the handler before any other worker may
+/// rescue the task, whatever the network or the pool did meanwhile.
+struct Lease {
+    /// Microseconds after `Shared::epoch`.
+    deadline_us: std::sync::atomic::AtomicU64,
+}
+
+impl Lease {
+    fn new(shared: &Shared, sent: Instant) -> Lease {
+        let lease = Lease {
+            deadline_us: std::sync::atomic::AtomicU64::new(0),
+        };
+        lease.renew(shared, sent);
+        lease
+    }
+
+    /// A renewal sent at `sent` succeeded.
+    fn renew(&self, shared: &Shared, sent: Instant) {
+        let until = sent.saturating_duration_since(shared.epoch) + shared.hold;
+        self.deadline_us.fetch_max(
+            until.as_micros() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    fn deadline(&self, shared: &Shared) -> Instant {
+        shared.epoch
+            + Duration::from_micros(self.deadline_us.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    /// Resolves once the deadline passed without a renewal pushing it on,
+    /// or at `timeout_at`, whichever comes first.
+    async fn expired_or(&self, shared: &Shared, timeout_at: Instant) -> Limit {
+        loop {
+            let deadline = self.deadline(shared);
+            let now = Instant::now();
+            if now >= deadline {
+                return Limit::Lease;
+            }
+            if now >= timeout_at {
+                return Limit::Timeout;
+            }
+            tokio::time::sleep_until(deadline.min(timeout_at).into()).await;
+        }
+    }
+}
+
+/// Which limit ended a handler.
+enum Limit {
+    Lease,
+    Timeout,
 }
 
 #[derive(Debug)]
@@ -489,11 +583,32 @@ enum Result_ {
     Abandoned,
 }
 
-#[derive(Debug)]
+impl Result_ {
+    /// Texts made writable (see `clean_text`).
+    fn cleaned(self) -> Result_ {
+        match self {
+            Result_::Failed {
+                error,
+                permanent,
+                retry_in,
+            } => Result_::Failed {
+                error: clean_text(error),
+                permanent,
+                retry_in,
+            },
+            Result_::Cancelled(reason) => Result_::Cancelled(clean_text(reason)),
+            other => other,
+        }
+    }
+}
+
 struct Completion {
     id: i64,
     attempt: i32,
     result: Result_,
+    /// Written only while this is not past: after it, fencing would refuse
+    /// the write anyway.
+    lease: Arc<Lease>,
     queue: Arc<str>,
     kind: String,
     /// How long the handler ran.
@@ -519,10 +634,20 @@ pub struct WorkerStats {
 
 struct Shared {
     config: Config,
+    /// The handlers' pool (`TaskContext::pool`).
     pool: Pool,
+    /// The worker's own connections (claims, completions, heartbeats,
+    /// rescues), which no handler can take: handlers holding every pooled
+    /// connection must not stop leases from being renewed.
+    internal: Pool,
     registry: Registry,
     id: Arc<str>,
-    running: Mutex<HashMap<i64, Running>>,
+    running: Mutex<HashMap<AttemptKey, Running>>,
+    /// Base of every `Lease` deadline.
+    epoch: Instant,
+    /// How long after a renewal is sent the handler may run on:
+    /// `lease - lease_margin`.
+    hold: Duration,
     stats: Arc<WorkerStats>,
     default_retry: RetryPolicy,
     /// Tasks finished since this process last vacuumed herald.tasks.
@@ -532,6 +657,8 @@ struct Shared {
 pub struct Worker {
     shared: Arc<Shared>,
     queues: Vec<(String, usize)>,
+    /// Why the worker's own pool could not be built; `run` returns it.
+    setup_error: Option<Error>,
 }
 
 impl Worker {
@@ -549,7 +676,17 @@ impl Worker {
             &uuid::Uuid::now_v7().simple().to_string()[24..]
         );
         let queues = config.worker.queue_concurrency();
+        // One connection per producer (claims), one each for the completer,
+        // the heartbeat and the rescuer; opened on demand.
+        let mut own = config.clone();
+        own.postgres.pool_size = queues.len() + 3;
+        let (internal, setup_error) = match crate::db::pool(&own, "herald-worker") {
+            Ok(p) => (p, None),
+            Err(e) => (pool.clone(), Some(e)),
+        };
+        let cfg = &config.worker;
         Worker {
+            setup_error,
             shared: Arc::new(Shared {
                 default_retry: RetryPolicy {
                     base: config.worker.retry_base,
@@ -563,9 +700,12 @@ impl Worker {
                 ),
                 config: config.clone(),
                 pool,
+                internal,
                 registry,
                 id: id.into(),
                 running: Mutex::new(HashMap::new()),
+                epoch: Instant::now(),
+                hold: cfg.lease.saturating_sub(cfg.lease_safety_margin()),
                 stats: Arc::new(WorkerStats::default()),
             }),
             queues,
@@ -585,6 +725,10 @@ impl Worker {
     /// `worker.shutdown_grace` to finish, cancel the rest and hand their
     /// leases back so another worker takes them at once.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        if let Some(e) = self.setup_error {
+            return Err(e);
+        }
+        self.shared.config.worker.validate()?;
         {
             let client = self.shared.pool.get().await?;
             crate::migrate::check_schema(&client).await?;
@@ -764,12 +908,32 @@ async fn listen(
 }
 
 impl Shared {
+    /// Stop every attempt of task `id` this worker runs (a cancellation
+    /// request names the task, not the attempt).
     fn stop_task(&self, id: i64, reason: StopReason) {
         let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(r) = running.get_mut(&id) {
+        for ((task, _), r) in running.iter_mut() {
+            if *task == id {
+                r.reason.get_or_insert(reason);
+                r.token.cancel();
+            }
+        }
+    }
+
+    fn stop_attempt(&self, key: AttemptKey, reason: StopReason) {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(r) = running.get_mut(&key) {
             r.reason.get_or_insert(reason);
             r.token.cancel();
         }
+    }
+
+    /// Longest a claim may wait for its reply: a claim answered later
+    /// than this would start tasks with little of their lease left, and one
+    /// whose reply never comes (a partition) must not hold the producer.
+    /// Tasks it may have claimed are handed back after it (`hand_back`).
+    fn claim_timeout(&self) -> Duration {
+        self.hold / 2
     }
 
     /// Claim up to `limit` ready tasks of `queue` in claim order, from
@@ -781,7 +945,30 @@ impl Shared {
         limit: usize,
         after: Option<&Resume>,
     ) -> Result<Vec<tokio_postgres::Row>> {
-        let client = self.pool.get().await?;
+        let bound = self.claim_timeout();
+        let deadline = tokio::time::Instant::now() + bound;
+        let client = checkout(&self.internal, deadline, bound, "a claim").await?;
+        let claimed =
+            tokio::time::timeout_at(deadline, self.claim_on(&client, queue, limit, after)).await;
+        match claimed {
+            Ok(rows) => rows,
+            Err(_) => {
+                discard(client);
+                Err(Error::Timeout(
+                    bound,
+                    format!("claiming tasks from queue {queue:?}"),
+                ))
+            }
+        }
+    }
+
+    async fn claim_on(
+        &self,
+        client: &deadpool_postgres::Object,
+        queue: &str,
+        limit: usize,
+        after: Option<&Resume>,
+    ) -> Result<Vec<tokio_postgres::Row>> {
         let sql: &str = match after {
             None => &CLAIM,
             Some(_) => &CLAIM_AFTER,
@@ -807,18 +994,81 @@ impl Shared {
             .context(format!("claiming tasks from queue {queue:?}"))
     }
 
-    async fn next_due(&self, queue: &str) -> Result<Option<f64>> {
-        let client = self.pool.get().await?;
-        let stmt = client
-            .prepare_cached(NEXT_DUE)
-            .await
-            .context("preparing next-due")?;
-        let row = client
-            .query_one(&stmt, &[&queue])
-            .await
-            .context("finding the next due task")?;
-        Ok(row.get(0))
+    /// Hand back what a failed claim may have leased to this worker in
+    /// `queue`: the tasks leased to it there that none of its executors
+    /// runs. Returns how many.
+    async fn hand_back(&self, queue: &str) -> Result<i64> {
+        let known: Vec<i64> = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(_, r)| &*r.queue == queue)
+            .map(|((id, _), _)| *id)
+            .collect();
+        let bound = self.claim_timeout();
+        let deadline = tokio::time::Instant::now() + bound;
+        let client = checkout(&self.internal, deadline, bound, "a hand-back").await?;
+        let worker: &str = &self.id;
+        let row = tokio::time::timeout_at(
+            deadline,
+            client.query_one(HAND_BACK, &[&worker, &queue, &known]),
+        )
+        .await;
+        match row {
+            Ok(row) => Ok(row.context("handing back unknown leases")?.get(0)),
+            Err(_) => {
+                discard(client);
+                Err(Error::Timeout(bound, "handing back unknown leases".into()))
+            }
+        }
     }
+
+    async fn next_due(&self, queue: &str) -> Result<Option<f64>> {
+        let bound = self.claim_timeout();
+        let deadline = tokio::time::Instant::now() + bound;
+        let client = checkout(&self.internal, deadline, bound, "next-due").await?;
+        let row = tokio::time::timeout_at(deadline, async {
+            let stmt = client
+                .prepare_cached(NEXT_DUE)
+                .await
+                .context("preparing next-due")?;
+            client
+                .query_one(&stmt, &[&queue])
+                .await
+                .context("finding the next due task")
+        })
+        .await;
+        match row {
+            Ok(row) => Ok(row?.get(0)),
+            Err(_) => {
+                discard(client);
+                Err(Error::Timeout(bound, "finding the next due task".into()))
+            }
+        }
+    }
+}
+
+/// A connection of `pool` by `deadline`.
+async fn checkout(
+    pool: &Pool,
+    deadline: tokio::time::Instant,
+    bound: Duration,
+    what: &str,
+) -> Result<deadpool_postgres::Object> {
+    match tokio::time::timeout_at(deadline, pool.get()).await {
+        Ok(client) => Ok(client?),
+        Err(_) => Err(Error::Timeout(
+            bound,
+            format!("checking out a connection for {what}"),
+        )),
+    }
+}
+
+/// Close a connection whose statement overran instead of returning it to
+/// the pool: its reply may still arrive, or never (a partition).
+fn discard(client: deadpool_postgres::Object) {
+    drop(deadpool_postgres::Object::take(client));
 }
 
 /// Claim and start tasks of one queue while permits are free.
@@ -839,6 +1089,9 @@ async fn produce(
     let low_water = (sem.available_permits() / 4).clamp(1, cfg.batch_size);
     // Set while claims come back full; see `Resume`.
     let mut resume: Option<Resume> = None;
+    // Set after a failed claim: it may have committed with its reply lost,
+    // leaving tasks leased to this worker that no executor runs.
+    let mut unsure = false;
     loop {
         if shutdown.is_cancelled() {
             return;
@@ -856,6 +1109,26 @@ async fn produce(
             })
             .await;
         }
+        if unsure {
+            match shared.hand_back(&queue).await {
+                Ok(n) => {
+                    unsure = false;
+                    if n > 0 {
+                        tracing::warn!(%queue, tasks = n,
+                            "handed back tasks a failed claim had leased to this worker");
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, %queue, "handing back unknown leases failed; backing off");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+        }
         let want = sem.available_permits().min(cfg.batch_size);
         let t0 = Instant::now();
         let after = resume.take().filter(|r| r.since.elapsed() < RESUME_FOR);
@@ -871,6 +1144,7 @@ async fn produce(
                 rows
             }
             Err(error) => {
+                unsure = true;
                 tracing::warn!(%error, %queue, "claiming tasks failed; backing off");
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -905,6 +1179,7 @@ async fn produce(
                 &queue_label,
                 &pickup,
                 row,
+                t0,
                 permit,
                 done.clone(),
             );
@@ -936,6 +1211,7 @@ fn start(
     queue: &Arc<str>,
     pickup: &metrics::Histogram,
     row: tokio_postgres::Row,
+    claim_sent: Instant,
     permit: tokio::sync::OwnedSemaphorePermit,
     done: mpsc::UnboundedSender<Completion>,
 ) {
@@ -949,15 +1225,19 @@ fn start(
     let waited: Option<f64> = row.get(7);
     pickup.record(waited.unwrap_or(0.0).max(0.0));
     let token = CancellationToken::new();
+    let lease = Arc::new(Lease::new(&shared, claim_sent));
     shared
         .running
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(
-            id,
+            (id, attempt),
             Running {
                 token: token.clone(),
                 reason: None,
+                lease: lease.clone(),
+                queue: queue.clone(),
+                started: Instant::now(),
             },
         );
     let headers = match serde_json::from_str::<Value>(&headers) {
@@ -996,11 +1276,14 @@ fn start(
         async move {
             tracing::debug!(event = event::TASK_STARTED, "task started");
             let t0 = Instant::now();
-            let result = execute(&shared, ctx, &kind, &payload, task_timeout, &token).await;
+            let result = execute(&shared, ctx, &kind, &payload, task_timeout, &token, &lease)
+                .await
+                .cleaned();
             let _ = done.send(Completion {
                 id,
                 attempt,
                 result,
+                lease,
                 queue,
                 kind,
                 run: t0.elapsed(),
@@ -1019,6 +1302,7 @@ async fn execute(
     payload: &str,
     task_timeout: Option<f64>,
     token: &CancellationToken,
+    lease: &Lease,
 ) -> Result_ {
     let id = ctx.id;
     let attempt = ctx.attempt;
@@ -1044,29 +1328,49 @@ async fn execute(
             }
         }
     };
+    // The task's own timeout, else its kind's, else the worker's default:
+    // a hung handler must not hold its slot (and renew its lease) forever.
     let timeout = task_timeout
-        .filter(|s| *s > 0.0)
-        .map(Duration::from_secs_f64)
-        .or(entry.options.timeout);
-    let run = AssertUnwindSafe((entry.handler)(ctx, value)).catch_unwind();
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .map(|s| Duration::from_secs_f64(s.min(1e9)))
+        .or(entry.options.timeout)
+        .unwrap_or(shared.config.worker.task_timeout);
+    // The `herald.task.run` span is kept out of the log output (see
+    // telemetry::init); this one is not, so the lines a handler logs name
+    // its task and attempt.
+    let log_span = tracing::info_span!("task", task = id, attempt);
+    let run = AssertUnwindSafe((entry.handler)(ctx, value).instrument(log_span)).catch_unwind();
+    let timeout_at = Instant::now() + timeout;
     let outcome = tokio::select! {
         r = run => Some(r),
         _ = token.cancelled() => None,
-        _ = sleep_or_forever(timeout) => {
-            token.cancel();
-            return Result_::Failed {
-                error: format!("timed out after {:?}", timeout.unwrap_or_default()),
-                permanent: false,
-                retry_in: retry.delay(attempt),
-            };
-        }
+        // One timer for both limits.
+        limit = lease.expired_or(shared, timeout_at) => match limit {
+            Limit::Timeout => {
+                token.cancel();
+                tracing::warn!(task = id, attempt, ?timeout, "task timed out; its handler was stopped");
+                return Result_::Failed {
+                    error: format!("timed out after {timeout:?}"),
+                    permanent: false,
+                    retry_in: retry.delay(attempt),
+                };
+            }
+            // Dropping the handler's future here stops it before the
+            // server's lease can end, and the outcome is not written.
+            Limit::Lease => {
+                shared.stop_attempt((id, attempt), StopReason::LeaseLost);
+                tracing::warn!(task = id, attempt, worker = &*shared.id,
+                    "lease not renewed in time; handler stopped before another worker can take the task");
+                return Result_::Abandoned;
+            }
+        },
     };
     let stop_reason = || {
         shared
             .running
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&id)
+            .get(&(id, attempt))
             .and_then(|r| r.reason)
     };
     // A handler that noticed the token may return Ok: why the token fired
@@ -1110,19 +1414,17 @@ fn retry_policy(shared: &Shared, entry: Option<&Entry>) -> RetryPolicy {
         .unwrap_or(shared.default_retry)
 }
 
-async fn sleep_or_forever(d: Option<Duration>) {
-    match d {
-        Some(d) => tokio::time::sleep(d).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// Write outcomes: successes in batches, the rest one by one.
+///
+/// A batch is retried until every outcome in it is written or its lease
+/// (renewed by the heartbeat meanwhile) has passed: dropping it earlier
+/// would make tasks that ran run again. Each outcome is written on its own,
+/// so one the server refuses does not hold back the others.
 async fn complete(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Completion>) {
     const MAX_BATCH: usize = 1000;
     const MAX_YIELDS: usize = 8;
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut outcomes = Vec::with_capacity(MAX_BATCH);
+    let mut outcomes: Vec<Option<Ended>> = Vec::with_capacity(MAX_BATCH);
     let mut meters = Meters::default();
     while let Some(first) = rx.recv().await {
         batch.push(first);
@@ -1144,35 +1446,90 @@ async fn complete(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceiver<Completio
             }
             tokio::task::yield_now().await;
         }
-        let mut attempts_left = 5;
         let t0 = Instant::now();
+        outcomes.clear();
+        // Nothing to write for an attempt whose lease is gone.
+        outcomes.extend(
+            batch
+                .iter()
+                .map(|c| matches!(c.result, Result_::Abandoned).then_some(Ended::Lost)),
+        );
+        let mut pause = Duration::from_millis(50);
         loop {
-            outcomes.clear();
-            match write_completions(&shared, &batch, &mut outcomes).await {
-                Ok(()) => {
-                    report(&mut meters, &batch, &outcomes);
-                    // Each task left a dead row at its claim and one at its
-                    // end.
-                    shared.vacuum.removed(batch.len() as u64);
-                    break;
-                }
-                Err(error) => {
-                    attempts_left -= 1;
-                    if attempts_left == 0 {
-                        tracing::error!(%error, tasks = batch.len(),
-                            "could not record task outcomes; their leases will expire and they run again");
-                        break;
+            let bound = shared.claim_timeout();
+            let deadline = tokio::time::Instant::now() + bound;
+            if outcomes.iter().all(Option::is_some) {
+                break;
+            }
+            let written = match checkout(&shared.internal, deadline, bound, "completions").await {
+                Ok(client) => {
+                    let w = tokio::time::timeout_at(
+                        deadline,
+                        write_completions(&shared, &client, &batch, &mut outcomes),
+                    )
+                    .await;
+                    match w {
+                        Ok(w) => w,
+                        Err(_) => {
+                            discard(client);
+                            Err(Error::Timeout(bound, "recording task outcomes".into()))
+                        }
                     }
-                    tracing::warn!(%error, "recording task outcomes failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => Err(e),
+            };
+            let Err(error) = written else { break };
+            // Outcomes whose lease has passed are given up: fencing would
+            // refuse them, and the rescuer returns their tasks to the queue.
+            let now = Instant::now();
+            let mut pending = 0;
+            for (c, o) in batch.iter().zip(outcomes.iter_mut()) {
+                if o.is_none() {
+                    if c.lease.deadline(&shared) <= now {
+                        tracing::error!(parent: &c.span, task = c.id, attempt = c.attempt, %error,
+                            "could not record the task's outcome before its lease ended; it will run again");
+                        *o = Some(Ended::Lost);
+                    } else {
+                        pending += 1;
+                    }
                 }
             }
+            if pending == 0 {
+                break;
+            }
+            tracing::warn!(%error, tasks = pending, "recording task outcomes failed; retrying");
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
         }
+        let outcomes_now: Vec<Ended> = outcomes.iter().map(|o| o.unwrap_or(Ended::Lost)).collect();
+        report(&shared, &mut meters, &batch, &outcomes_now);
+        // Each task left a dead row at its claim and one at its end.
+        shared.vacuum.removed(batch.len() as u64);
         tracing::debug!(tasks = batch.len(), elapsed = ?t0.elapsed(), "outcomes recorded");
         let mut running = shared.running.lock().unwrap_or_else(|e| e.into_inner());
         for c in batch.drain(..) {
-            running.remove(&c.id);
+            running.remove(&(c.id, c.attempt));
         }
+    }
+}
+
+/// Whether a failed write may succeed when tried again: the connection
+/// broke or timed out, or the server asked for a retry. Anything else
+/// (the server refused this statement) would fail the same way again.
+fn retryable(error: &Error) -> bool {
+    match error {
+        Error::Postgres { error, .. } => match error.code() {
+            None => true,
+            Some(code) => {
+                let c = code.code();
+                c.starts_with("08")
+                    || c.starts_with("40")
+                    || c.starts_with("53")
+                    || c.starts_with("57")
+            }
+        },
+        Error::Json { .. } | Error::InvalidTask(_) => false,
+        _ => true,
     }
 }
 
@@ -1214,6 +1571,9 @@ impl Ended {
     }
 }
 
+/// The `kind` label of tasks of kinds this worker has no handler for.
+const UNKNOWN_KIND: &str = "unknown";
+
 /// Metric handles by queue and kind, made once: the completer records
 /// thousands of outcomes a second.
 #[derive(Default)]
@@ -1245,9 +1605,16 @@ impl Meters {
 }
 
 /// Count the outcomes just written and close each task's span with its own.
-fn report(meters: &mut Meters, batch: &[Completion], outcomes: &[Ended]) {
+fn report(shared: &Shared, meters: &mut Meters, batch: &[Completion], outcomes: &[Ended]) {
     for (c, &ended) in batch.iter().zip(outcomes) {
-        let m = meters.kind(&c.queue, &c.kind);
+        // Series only for kinds this worker handles: a producer may write
+        // any kind, and each label pair is a series kept forever.
+        let kind = if shared.registry.entries.contains_key(&c.kind) {
+            c.kind.as_str()
+        } else {
+            UNKNOWN_KIND
+        };
+        let m = meters.kind(&c.queue, kind);
         if !matches!(c.result, Result_::Abandoned | Result_::Released) {
             m.run.record(c.run.as_secs_f64());
         }
@@ -1255,7 +1622,7 @@ fn report(meters: &mut Meters, batch: &[Completion], outcomes: &[Ended]) {
         m.ended[i]
             .get_or_insert_with(|| {
                 metrics::counter!(metric::TASKS_COMPLETED,
-                    "queue" => c.queue.to_string(), "kind" => c.kind.clone(),
+                    "queue" => c.queue.to_string(), "kind" => kind.to_string(),
                     "outcome" => ended.as_str())
             })
             .increment(1);
@@ -1289,25 +1656,32 @@ fn report(meters: &mut Meters, batch: &[Completion], outcomes: &[Ended]) {
                 tracing::debug!(parent: span, event = event::TASK_RELEASED, "task released at shutdown")
             }
             Ended::Lost => {
-                tracing::debug!(parent: span, event = event::TASK_ABANDONED, "task's lease had passed on; outcome not written")
+                tracing::info!(parent: span, event = event::TASK_ABANDONED, task = c.id,
+                    attempt = c.attempt, worker = &*shared.id,
+                    "task's lease had passed on; outcome not written")
             }
         }
     }
 }
 
+/// Write the outcomes of `batch` not yet written (`None` in `outcomes`),
+/// filling in what became of each. Returns an error, with the rest left
+/// `None`, when the connection fails; an outcome the server refuses is
+/// logged and given up on its own.
 async fn write_completions(
     shared: &Shared,
+    client: &deadpool_postgres::Object,
     batch: &[Completion],
-    outcomes: &mut Vec<Ended>,
+    outcomes: &mut [Option<Ended>],
 ) -> Result<()> {
     use std::sync::atomic::Ordering::Relaxed;
-    let client = shared.pool.get().await?;
     // Sorted and unique by id, as COMPLETE_* look attempts up by binary
     // search.
     let mut done: Vec<(i64, i32)> = batch
         .iter()
-        .filter(|c| matches!(c.result, Result_::Done))
-        .map(|c| (c.id, c.attempt))
+        .zip(outcomes.iter())
+        .filter(|(c, o)| o.is_none() && matches!(c.result, Result_::Done))
+        .map(|(c, _)| (c.id, c.attempt))
         .collect();
     done.sort_unstable();
     done.dedup_by_key(|(id, _)| *id);
@@ -1335,64 +1709,142 @@ async fn write_completions(
         // Fewer rows than ids: those leases had passed to someone else (or
         // the handler completed the task itself with `complete_in`).
         shared.stats.succeeded.fetch_add(completed, Relaxed);
-    }
-    for c in batch {
-        let ended = match &c.result {
-            Result_::Done => Ended::Succeeded,
-            Result_::Abandoned => Ended::Lost,
-            Result_::Failed {
-                error,
-                permanent,
-                retry_in,
-            } => {
-                shared.stats.failed.fetch_add(1, Relaxed);
-                let row = client
-                    .query_one(
-                        FAIL,
-                        &[
-                            &c.id,
-                            &c.attempt,
-                            &&*shared.id,
-                            error,
-                            &retry_in.as_secs_f64(),
-                            permanent,
-                        ],
-                    )
-                    .await
-                    .context(format!("recording the failure of task {}", c.id))?;
-                let what: String = row.get(0);
-                tracing::info!(parent: &c.span, event = event::TASK_FAILED, task = c.id,
-                    attempt = c.attempt, outcome = %what, %error, "task failed");
-                match what.as_str() {
-                    "retry" => Ended::Retried,
-                    "dead" => Ended::Dead,
-                    "cancelled" => Ended::Cancelled,
-                    _ => Ended::Lost,
-                }
-            }
-            Result_::Requeue(after) => {
-                requeue(&client, shared, c, after.as_secs_f64()).await?;
-                Ended::Snoozed
-            }
-            Result_::Released => {
-                requeue(&client, shared, c, 0.0).await?;
-                Ended::Released
-            }
-            Result_::Cancelled(reason) => {
-                let n = client
-                    .execute(CANCELLED, &[&c.id, &c.attempt, &&*shared.id, reason])
-                    .await
-                    .context(format!("cancelling task {}", c.id))?;
-                if n == 1 {
-                    Ended::Cancelled
-                } else {
-                    Ended::Lost
-                }
-            }
+        // Rare: find which were refused, so that each is reported (a task
+        // still unfinished was rescued or taken by another worker).
+        let refused: Vec<i64> = if (completed as usize) < ids.len() {
+            client
+                .query(STILL_UNFINISHED, &[&ids])
+                .await
+                .context("finding refused completions")?
+                .iter()
+                .map(|r| r.get(0))
+                .collect()
+        } else {
+            Vec::new()
         };
-        outcomes.push(ended);
+        for (c, o) in batch.iter().zip(outcomes.iter_mut()) {
+            if o.is_none() && matches!(c.result, Result_::Done) {
+                *o = Some(if refused.contains(&c.id) {
+                    Ended::Lost
+                } else {
+                    Ended::Succeeded
+                });
+            }
+        }
+    }
+    for (c, o) in batch.iter().zip(outcomes.iter_mut()) {
+        if o.is_some() {
+            continue;
+        }
+        let written = write_one(shared, client, c).await;
+        *o = Some(match written {
+            Ok(ended) => ended,
+            Err(error) if retryable(&error) => return Err(error),
+            Err(error) => {
+                tracing::error!(parent: &c.span, task = c.id, attempt = c.attempt, %error,
+                    "the task's outcome was refused; its lease will expire and it runs again");
+                Ended::Lost
+            }
+        });
     }
     Ok(())
+}
+
+/// Write one outcome other than success.
+async fn write_one(
+    shared: &Shared,
+    client: &deadpool_postgres::Object,
+    c: &Completion,
+) -> Result<Ended> {
+    use std::sync::atomic::Ordering::Relaxed;
+    Ok(match &c.result {
+        Result_::Done => Ended::Succeeded,
+        Result_::Abandoned => Ended::Lost,
+        Result_::Failed {
+            error,
+            permanent,
+            retry_in,
+        } => {
+            let row = client
+                .query_one(
+                    FAIL,
+                    &[
+                        &c.id,
+                        &c.attempt,
+                        &&*shared.id,
+                        error,
+                        &interval_secs(*retry_in),
+                        permanent,
+                    ],
+                )
+                .await
+                .context(format!("recording the failure of task {}", c.id))?;
+            shared.stats.failed.fetch_add(1, Relaxed);
+            let what: String = row.get(0);
+            tracing::info!(parent: &c.span, event = event::TASK_FAILED, task = c.id,
+                attempt = c.attempt, outcome = %what, %error, "task failed");
+            match what.as_str() {
+                "retry" => Ended::Retried,
+                "dead" => Ended::Dead,
+                "cancelled" => Ended::Cancelled,
+                _ => Ended::Lost,
+            }
+        }
+        Result_::Requeue(after) => {
+            if requeue(client, shared, c, interval_secs(*after)).await? {
+                Ended::Snoozed
+            } else {
+                Ended::Lost
+            }
+        }
+        Result_::Released => {
+            if requeue(client, shared, c, 0.0).await? {
+                Ended::Released
+            } else {
+                Ended::Lost
+            }
+        }
+        Result_::Cancelled(reason) => {
+            let n = client
+                .execute(CANCELLED, &[&c.id, &c.attempt, &&*shared.id, reason])
+                .await
+                .context(format!("cancelling task {}", c.id))?;
+            if n == 1 {
+                Ended::Cancelled
+            } else {
+                Ended::Lost
+            }
+        }
+    })
+}
+
+/// Longest delay a snooze or retry is written with: `now() + interval`
+/// must stay a valid timestamp (a `Duration` may hold far more).
+const MAX_DELAY_SECS: f64 = 100.0 * 365.25 * 86400.0;
+
+fn interval_secs(d: Duration) -> f64 {
+    d.as_secs_f64().min(MAX_DELAY_SECS)
+}
+
+/// Longest error text or cancellation reason written to a task, in bytes.
+const MAX_ERROR_BYTES: usize = 8 * 1024;
+
+/// Text a `text` column accepts, of bounded length: Postgres refuses NUL
+/// bytes, and a handler's error (a response body, say) may be any size.
+fn clean_text(mut text: String) -> String {
+    if text.contains('\0') {
+        text = text.replace('\0', "");
+    }
+    if text.len() > MAX_ERROR_BYTES {
+        let total = text.len();
+        let mut cut = MAX_ERROR_BYTES;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+        text.push_str(&format!("… ({} of {total} bytes cut)", total - cut));
+    }
+    text
 }
 
 async fn requeue(
@@ -1400,64 +1852,117 @@ async fn requeue(
     shared: &Shared,
     c: &Completion,
     after_secs: f64,
-) -> Result<()> {
-    client
+) -> Result<bool> {
+    let rows = client
         .query(REQUEUE, &[&c.id, &c.attempt, &&*shared.id, &after_secs])
         .await
         .context(format!("requeueing task {}", c.id))?;
-    Ok(())
+    Ok(!rows.is_empty())
 }
 
 /// Extend the leases of running tasks; stop the ones whose lease is gone or
-/// whose cancellation was requested.
+/// whose cancellation was requested. Runs on the worker's own pool, each
+/// round bounded by the interval, so a starved handlers' pool or a dead
+/// connection cannot hold it; a round that fails leaves the local deadlines
+/// where they were, and the executors stop their handlers at them.
 async fn heartbeat(shared: Arc<Shared>, stop: CancellationToken) {
     let lease = shared.config.worker.lease;
-    let every = (lease / 3).max(Duration::from_millis(100));
+    let every = shared.config.worker.heartbeat_every();
+    let mut oldest = OldestGauges::default();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let ids: Vec<i64> = shared
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .keys()
-            .copied()
-            .collect();
-        if ids.is_empty() {
+        // Only the newest attempt of a task can hold its lease.
+        let mut held: Vec<(i64, i32)> = {
+            let running = shared.running.lock().unwrap_or_else(|e| e.into_inner());
+            oldest.update(&running);
+            running.keys().copied().collect()
+        };
+        if held.is_empty() {
             continue;
         }
+        held.sort_unstable_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        held.dedup_by_key(|(id, _)| *id);
+        let (ids, attempts): (Vec<i64>, Vec<i32>) = held.iter().copied().unzip();
+        let deadline = tokio::time::Instant::now() + every;
         let result = async {
-            let client = shared.pool.get().await?;
-            client
-                .query(HEARTBEAT, &[&ids, &&*shared.id, &lease.as_secs_f64()])
-                .await
-                .context("extending task leases")
+            let client = checkout(&shared.internal, deadline, every, "a heartbeat").await?;
+            let sent = Instant::now();
+            let rows = tokio::time::timeout_at(
+                deadline,
+                client.query(
+                    HEARTBEAT,
+                    &[&ids, &attempts, &&*shared.id, &lease.as_secs_f64()],
+                ),
+            )
+            .await;
+            match rows {
+                Ok(rows) => Ok((sent, rows.context("extending task leases")?)),
+                Err(_) => {
+                    discard(client);
+                    Err(Error::Timeout(every, "extending task leases".into()))
+                }
+            }
         }
         .await;
         match result {
-            Ok(rows) => {
-                let held: HashMap<i64, bool> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-                for id in ids {
-                    match held.get(&id) {
-                        Some(true) => shared.stop_task(id, StopReason::Cancelled),
-                        Some(false) => {}
-                        // Completed meanwhile, or the lease is someone else's.
-                        None => {
-                            let still_running = shared
-                                .running
-                                .lock()
-                                .unwrap_or_else(|e| e.into_inner())
-                                .contains_key(&id);
-                            if still_running {
-                                shared.stop_task(id, StopReason::LeaseLost);
+            Ok((sent, rows)) => {
+                let renewed: HashMap<(i64, i32), bool> = rows
+                    .iter()
+                    .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+                    .collect();
+                let mut lost = Vec::new();
+                {
+                    let running = shared.running.lock().unwrap_or_else(|e| e.into_inner());
+                    for key in &held {
+                        let Some(r) = running.get(key) else { continue };
+                        match renewed.get(key) {
+                            Some(cancel) => {
+                                r.lease.renew(&shared, sent);
+                                if *cancel {
+                                    lost.push((*key, StopReason::Cancelled));
+                                }
                             }
+                            // Completed meanwhile, or the lease is someone
+                            // else's.
+                            None => lost.push((*key, StopReason::LeaseLost)),
                         }
                     }
                 }
+                for (key, reason) in lost {
+                    shared.stop_attempt(key, reason);
+                }
             }
-            Err(error) => tracing::warn!(%error, "heartbeat failed"),
+            Err(error) => tracing::warn!(%error, tasks = ids.len(), "heartbeat failed"),
+        }
+    }
+}
+
+/// `herald_task_oldest_running_seconds` per queue this worker has run:
+/// how long its longest-running task has been at it (0 when none runs).
+#[derive(Default)]
+struct OldestGauges {
+    by_queue: HashMap<Arc<str>, metrics::Gauge>,
+}
+
+impl OldestGauges {
+    fn update(&mut self, running: &HashMap<AttemptKey, Running>) {
+        let mut ages: HashMap<&Arc<str>, f64> = HashMap::new();
+        for r in running.values() {
+            let age = r.started.elapsed().as_secs_f64();
+            let e = ages.entry(&r.queue).or_insert(0.0);
+            *e = e.max(age);
+        }
+        for queue in ages.keys() {
+            if !self.by_queue.contains_key(*queue) {
+                let g = metrics::gauge!(metric::TASK_OLDEST_RUNNING, "queue" => queue.to_string());
+                self.by_queue.insert((*queue).clone(), g);
+            }
+        }
+        for (queue, gauge) in &self.by_queue {
+            gauge.set(ages.get(queue).copied().unwrap_or(0.0));
         }
     }
 }
@@ -1472,7 +1977,7 @@ async fn rescue(shared: Arc<Shared>, stop: CancellationToken) {
             _ = tokio::time::sleep(cfg.rescue_interval) => {}
         }
         let result = async {
-            let client = shared.pool.get().await?;
+            let client = shared.internal.get().await?;
             let n: i32 = client
                 .query_one(RESCUE, &[])
                 .await

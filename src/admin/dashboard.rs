@@ -581,6 +581,13 @@ struct TaskQuery {
     state: Option<String>,
 }
 
+/// The ten tasks running longest (a hung handler shows here until its
+/// timeout stops it).
+const LONGEST_RUNNING: &str = "
+SELECT id, queue, kind, attempts, leased_by, extract(epoch FROM now() - started_at)::float8
+FROM herald.tasks WHERE state = 'running' AND started_at IS NOT NULL
+ORDER BY started_at LIMIT 10";
+
 async fn queues(
     State(state): State<SharedState>,
     Query(flash): Query<Flash>,
@@ -595,6 +602,7 @@ async fn queues(
         state: some(&q.state),
     };
     let tasks = queue::list_tasks(&**client, &filter, 100).await;
+    let long = client.query(LONGEST_RUNNING, &[]).await;
     let back = format!(
         "/queues{}",
         query_string(&[("queue", &q.queue), ("kind", &q.kind), ("state", &q.state)])
@@ -602,6 +610,25 @@ async fn queues(
     let body = html! {
         h1 { "Queues" }
         (queues_table(&rows, &snap.dead_letters, &state.dashboard.history))
+        h2 { "Longest-running tasks" }
+        @match long {
+            Err(e) => p.flash.error { (e) },
+            Ok(rows) if rows.is_empty() => p.empty { "No task is running." },
+            Ok(rows) => table #long-running {
+                thead { tr { th.num { "Id" } th { "Queue" } th { "Kind" } th.num { "Attempt" } th { "Worker" } th.num { "Running for" } } }
+                tbody {
+                    @for r in &rows {
+                        tr {
+                            td.num { a href={ "/tasks/" (r.get::<_, i64>(0)) } { (r.get::<_, i64>(0)) } }
+                            td { (r.get::<_, String>(1)) } td { code { (r.get::<_, String>(2)) } }
+                            td.num { (r.get::<_, i32>(3)) }
+                            td { (r.get::<_, Option<String>>(4).unwrap_or_default()) }
+                            td.num { (age(r.get::<_, f64>(5))) }
+                        }
+                    }
+                }
+            },
+        }
         h2 { "Tasks" }
         form.filters method="get" action="/queues" {
             label { "Queue" input type="text" name="queue" value=[some(&q.queue)]; }
