@@ -80,6 +80,16 @@ const ARCHIVE_MAINTENANCE_EVERY: Duration = Duration::from_secs(600);
 //   only rows that will be deleted are locked;
 // - herald.settings is read with LIMIT 1, so a never-analyzed settings
 //   table is not estimated at 1,810 rows.
+//
+// A partition is taken only when its oldest row is due, and its rows only
+// up to the first that is not: an event Redis refused waits out its backoff
+// in `available_at` and holds back everything after it in its partition, so
+// no later event of its key passes it. Due means `available_at <=
+// clock_timestamp()`, read after the statement's snapshot: a producer's
+// `available_at` (its transaction's start) is before its commit, so every
+// row the claim can see and that nobody held back is due; `now()`, the
+// claim transaction's start, could call a just-committed row not due and
+// let a later row of its key pass it.
 const CLAIM: &str = "
 WITH owned AS MATERIALIZED (
     SELECT s.p
@@ -87,9 +97,11 @@ WITH owned AS MATERIALIZED (
          LATERAL (SELECT ((g + $3) % st.partitions)::smallint AS p
                   FROM generate_series(0, st.partitions - 1) AS g) AS s,
          LATERAL (SELECT pg_try_advisory_xact_lock($4, s.p) AS got
-                  FROM herald.outbox o
-                  WHERE o.partition = s.p AND o.available_at <= now()
-                  LIMIT 1) AS due
+                  FROM (SELECT o.available_at FROM herald.outbox o
+                        WHERE o.partition >= s.p AND o.partition <= s.p
+                        ORDER BY o.partition, o.id
+                        LIMIT 1) AS head
+                  WHERE head.available_at <= clock_timestamp()) AS due
     WHERE due.got AND current_setting('herald.relay_fan_out', true) = 'on'
     LIMIT $5
 ), claimed AS (
@@ -99,11 +111,16 @@ WITH owned AS MATERIALIZED (
         WHERE l.id = ANY(ARRAY(
             SELECT c.id
             FROM owned,
-                 LATERAL (SELECT id FROM herald.outbox
-                          WHERE partition >= owned.p AND partition <= owned.p
-                            AND available_at <= now()
-                          ORDER BY partition, id
-                          LIMIT $1) AS c
+                 LATERAL (SELECT w.id
+                          FROM (SELECT h.id,
+                                       bool_and(h.due) OVER (ORDER BY h.partition, h.id
+                                                             ROWS UNBOUNDED PRECEDING) AS due
+                                FROM (SELECT id, partition, available_at <= clock_timestamp() AS due
+                                      FROM herald.outbox
+                                      WHERE partition >= owned.p AND partition <= owned.p
+                                      ORDER BY partition, id
+                                      LIMIT $1) AS h) AS w
+                          WHERE w.due) AS c
             ORDER BY c.id
             LIMIT $1))
         FOR UPDATE SKIP LOCKED))
@@ -162,12 +179,48 @@ const BEGIN_CLAIM: &str = concat!(
     crate::db::plan_on_indexes!()
 );
 
-// Record a failed publish on the rows. $3 says whether it counts as an
-// attempt: only when Redis answered and refused, never for an outage.
+// Record an outage on rows Redis did not run: never an attempt, and they
+// stay due (the relay backs off as a whole).
 const RECORD_FAILURE: &str = "
-UPDATE herald.outbox
-SET attempts = attempts + CASE WHEN $3 THEN 1 ELSE 0 END, last_error = $2
-WHERE id = ANY($1)";
+UPDATE herald.outbox SET last_error = $2 WHERE id = ANY($1)";
+
+// Record Redis's refusal of each of these rows: an attempt, the reason, and
+// a backoff ($3 ms doubling per attempt up to $4 ms) in available_at, which
+// holds back the rest of the row's partition (see CLAIM).
+const RECORD_REFUSED: &str = "
+UPDATE herald.outbox o
+SET attempts = o.attempts + 1, last_error = r.error,
+    available_at = clock_timestamp()
+        + least($4::float8, $3::float8 * power(2, least(o.attempts, 30))) * interval '1 millisecond'
+FROM unnest($1::bigint[], $2::text[]) AS r(id, error)
+WHERE o.id = r.id";
+
+// Rows Redis accepted in a batch that could not commit as a whole: removed,
+// archived when $2, and fanned out to durable subscriptions, as CLAIM does
+// (the claim's own fan-out was rolled back with it).
+const SETTLE_PUBLISHED: &str = "
+WITH gone AS (
+    DELETE FROM herald.outbox WHERE id = ANY($1)
+    RETURNING id, event_id, topic, key, partition, payload, headers, created_at, attempts
+), archived AS (
+    INSERT INTO herald.outbox_archive (id, event_id, topic, key, partition, payload, headers, created_at, attempts)
+    SELECT id, event_id, topic, key, partition, payload, headers, created_at, attempts
+    FROM gone WHERE $2
+)
+INSERT INTO herald.tasks (queue, kind, payload, headers, max_attempts, timeout)
+SELECT s.queue, s.kind,
+       jsonb_build_object('id', c.event_id, 'topic', c.topic, 'key', c.key,
+                          'payload', c.payload, 'headers', c.headers,
+                          'created_at', c.created_at),
+       jsonb_build_object('herald_subscription', s.name, 'herald_event_id', c.event_id::text,
+                          'herald_topic', c.topic)
+         || CASE WHEN c.headers ? 'traceparent'
+                 THEN jsonb_build_object('traceparent', c.headers->'traceparent')
+                 ELSE '{}'::jsonb END,
+       s.max_attempts, s.timeout
+FROM gone c
+JOIN herald.subscriptions s ON s.enabled AND c.topic LIKE s.topic_like
+ORDER BY c.id, s.name";
 
 // Wait for (not try) the partitions' transaction locks, in a fixed order.
 const LOCK_PARTITIONS: &str = "
@@ -503,6 +556,7 @@ impl Drainer {
     ) {
         let relay = &self.config.relay;
         let mut backoff = Backoff::new(relay.backoff_min, relay.backoff_max);
+        let mut pace = Pace::new(relay.batch_size);
         // Each worker starts at another partition so that they spread out.
         let mut offset: i32 = (n as i32) * 7919;
         let mut next_maintenance = Instant::now() + ARCHIVE_MAINTENANCE_EVERY;
@@ -516,7 +570,7 @@ impl Drainer {
             let mut failed = false;
             while !shutdown.is_cancelled() {
                 offset = offset.wrapping_add(1) & 0x3fff_ffff;
-                match self.claim_and_publish(offset).await {
+                match self.claim_and_publish(offset, &mut pace).await {
                     // Nothing due in any partition this worker could take.
                     Ok(0) => break,
                     Ok(_) => backoff.reset(),
@@ -552,7 +606,7 @@ impl Drainer {
     }
 
     /// Claim, publish and commit one batch; returns how many events it held.
-    async fn claim_and_publish(&self, offset: i32) -> Result<usize> {
+    async fn claim_and_publish(&self, offset: i32, pace: &mut Pace) -> Result<usize> {
         let relay = &self.config.relay;
         let client = self.pool.get().await?;
         let claim = client
@@ -567,7 +621,7 @@ impl Drainer {
         // (tokio-postgres pipelines them in order): a round trip less on
         // every event's way to Redis, and on every empty sweep.
         let (batch_size, retain, per_batch, fan_out_here) = (
-            relay.batch_size as i64,
+            pace.limit() as i64,
             relay.retain_published.is_some(),
             relay.partitions_per_batch as i64,
             !checks,
@@ -686,45 +740,114 @@ impl Drainer {
                 .await
                 .context("notifying workers of fanned-out tasks")?;
         }
-        let published =
-            crate::pubsub::publish_all(&self.redis, &messages, self.config.redis.response_timeout)
-                .await;
-        match published {
-            Ok(_) => {
-                if self.redis_down.swap(false, Ordering::Relaxed) {
-                    crate::telemetry::reconnected("redis", "relay");
-                }
-                tx.commit().await.context("committing a published batch")?;
-                self.vacuum.removed(rows.len() as u64);
-                self.stats
-                    .published
-                    .fetch_add(messages.len() as u64, Ordering::Relaxed);
-                self.stats.batches.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!(metric::RELAY_PUBLISHED).increment(messages.len() as u64);
-                span.record("herald.relay.published", messages.len() as i64);
-                tracing::debug!(parent: &span, event = event::RELAY_BATCH_PUBLISHED,
-                    events = messages.len() as i64, "relay batch published");
-                tracing::debug!(parent: &span, event = event::RELAY_PARTITION_RELEASED,
-                    partitions = held.as_str(), outcome = "committed", "relay partitions released");
-                Ok(rows.len())
+        let publication = crate::pubsub::publish_each(
+            &self.redis,
+            &messages,
+            self.config.redis.response_timeout,
+            relay.batch_bytes,
+        )
+        .await;
+        if publication.all_accepted() {
+            if self.redis_down.swap(false, Ordering::Relaxed) {
+                crate::telemetry::reconnected("redis", "relay");
             }
-            Err(error) => {
-                // The rows come back on rollback; note the failure on them
-                // and retire the ones that have failed too often.
-                tx.rollback().await.context("rolling back a failed batch")?;
-                span.record("otel.status_code", "ERROR");
-                tracing::debug!(parent: &span, event = event::RELAY_PARTITION_RELEASED,
-                    partitions = held.as_str(), outcome = "rolled back", "relay partitions released");
-                let counts = !is_outage(&error);
-                if !counts && !self.redis_down.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(parent: &span, event = event::REDIS_CONNECTION_LOST,
-                        component = "relay", %error, "Redis unreachable; the relay holds events back");
+            tx.commit().await.context("committing a published batch")?;
+            pace.published(publication.first_pipeline, messages.len());
+            self.vacuum.removed(rows.len() as u64);
+            self.stats
+                .published
+                .fetch_add(messages.len() as u64, Ordering::Relaxed);
+            self.stats.batches.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(metric::RELAY_PUBLISHED).increment(messages.len() as u64);
+            span.record("herald.relay.published", messages.len() as i64);
+            tracing::debug!(parent: &span, event = event::RELAY_BATCH_PUBLISHED,
+                events = messages.len() as i64, "relay batch published");
+            tracing::debug!(parent: &span, event = event::RELAY_PARTITION_RELEASED,
+                partitions = held.as_str(), outcome = "committed", "relay partitions released");
+            return Ok(rows.len());
+        }
+        // Not all accepted: roll the claim back (its fan-out and its
+        // dead-lettered invalid events with it; the catalog checks them
+        // again), then settle each row by what Redis did with it.
+        tx.rollback().await.context("rolling back a failed batch")?;
+        span.record("otel.status_code", "ERROR");
+        tracing::debug!(parent: &span, event = event::RELAY_PARTITION_RELEASED,
+            partitions = held.as_str(), outcome = "rolled back", "relay partitions released");
+        let mut settle = Settle::default();
+        for ((id, sent), partition) in ids.iter().zip(&publication.sent).zip(&partitions) {
+            match sent {
+                crate::pubsub::Sent::Accepted => settle.accepted.push(*id),
+                crate::pubsub::Sent::Refused(reason) => {
+                    settle.refused.push(*id);
+                    settle.reasons.push(reason.clone());
                 }
-                self.record_failure(&ids, &partitions, &error.to_string(), counts)
-                    .await?;
-                Err(error)
+                crate::pubsub::Sent::Unsent => settle.unsent.push(*id),
+            }
+            settle.partitions.push(*partition);
+        }
+        if publication.timed_out {
+            // A head that keeps timing out alone while Redis answers a PING
+            // is the event's fault (too large, too slow for Redis): charge
+            // it, so it is dead-lettered in the end; an outage never is.
+            if pace.timed_out(ids.first().copied()) && self.redis_answers().await {
+                if let Some(head) = settle.unsent.first().copied() {
+                    settle.unsent.remove(0);
+                    settle.refused.insert(0, head);
+                    settle.reasons.insert(
+                        0,
+                        format!(
+                            "redis: publishing this event alone timed out repeatedly while Redis answered: {}",
+                            publication.outage.as_ref().map(|e| e.to_string()).unwrap_or_default()
+                        ),
+                    );
+                }
             }
         }
+        let outage = publication.outage;
+        if let Some(error) = &outage {
+            if is_auth_outage(error) {
+                tracing::error!(parent: &span, event = event::REDIS_CONNECTION_LOST,
+                    component = "relay", %error,
+                    "Redis refuses the relay's PUBLISH (authentication or ACL): no event can be delivered until this is fixed; events wait in herald.outbox");
+                self.redis_down.store(true, Ordering::Relaxed);
+            } else if !self.redis_down.swap(true, Ordering::Relaxed) {
+                tracing::warn!(parent: &span, event = event::REDIS_CONNECTION_LOST,
+                    component = "relay", %error, "Redis unreachable; the relay holds events back");
+            }
+        }
+        let outage_text = outage.as_ref().map(|e| e.to_string()).unwrap_or_default();
+        self.settle(&settle, &outage_text).await?;
+        if !settle.accepted.is_empty() {
+            self.vacuum.removed(settle.accepted.len() as u64);
+            self.stats
+                .published
+                .fetch_add(settle.accepted.len() as u64, Ordering::Relaxed);
+            metrics::counter!(metric::RELAY_PUBLISHED).increment(settle.accepted.len() as u64);
+        }
+        for (id, reason) in settle.refused.iter().zip(&settle.reasons) {
+            tracing::warn!(parent: &span, event = event::RELAY_EVENT_REFUSED, outbox_id = id,
+                %reason, "Redis refused an event; it waits with backoff and holds back its partition");
+        }
+        match outage {
+            Some(error) => Err(error),
+            // Only refusals: the rest went through, keep draining.
+            None => Ok(rows.len()),
+        }
+    }
+
+    /// Whether Redis answers a PING within the response timeout.
+    async fn redis_answers(&self) -> bool {
+        let ping = async {
+            let mut conn = self.redis.get().await.ok()?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut *conn)
+                .await
+                .ok()
+        };
+        matches!(
+            tokio::time::timeout(self.config.redis.response_timeout, ping).await,
+            Ok(Some(_))
+        )
     }
 
     /// The catalog's verdict on one claimed envelope: the reason it is
@@ -741,34 +864,66 @@ impl Drainer {
         })
     }
 
-    async fn record_failure(
-        &self,
-        ids: &[i64],
-        partitions: &[i16],
-        error: &str,
-        counts_as_attempt: bool,
-    ) -> Result<()> {
+    /// Settle a batch that did not commit as a whole, holding its
+    /// partitions: remove what Redis accepted, charge what it refused (with
+    /// a backoff that holds back their partitions), note the outage on what
+    /// it did not run, and retire what has failed too often.
+    async fn settle(&self, settle: &Settle, outage: &str) -> Result<()> {
         let mut client = self.pool.get().await?;
         let tx = client
             .transaction()
             .await
             .context("beginning to record a failed batch")?;
-        // Hold the partitions while the rows are locked by the UPDATE: a
-        // claim running meanwhile would skip them (SKIP LOCKED) and publish
-        // later events of their keys first.
-        tx.execute(LOCK_PARTITIONS, &[&PARTITION_LOCK_SPACE, &partitions])
-            .await
-            .context("locking the failed batch's partitions")?;
-        tx.execute(RECORD_FAILURE, &[&ids, &error, &counts_as_attempt])
-            .await
-            .context("recording a failed publish on herald.outbox")?;
-        let dead = tx
-            .execute(
-                DEAD_LETTER,
-                &[&ids, &(self.config.relay.max_attempts as i32)],
+        // Hold the partitions while the rows are locked: a claim running
+        // meanwhile would skip them (SKIP LOCKED) and publish later events
+        // of their keys first.
+        tx.execute(
+            LOCK_PARTITIONS,
+            &[&PARTITION_LOCK_SPACE, &settle.partitions],
+        )
+        .await
+        .context("locking the failed batch's partitions")?;
+        if !settle.accepted.is_empty() {
+            let tasks = tx
+                .execute(
+                    SETTLE_PUBLISHED,
+                    &[
+                        &settle.accepted,
+                        &self.config.relay.retain_published.is_some(),
+                    ],
+                )
+                .await
+                .context("removing the events Redis accepted from herald.outbox")?;
+            self.stats.fanned_out.fetch_add(tasks, Ordering::Relaxed);
+            if tasks > 0 {
+                metrics::counter!(metric::RELAY_FANNED_OUT).increment(tasks);
+            }
+        }
+        if !settle.unsent.is_empty() {
+            tx.execute(RECORD_FAILURE, &[&settle.unsent, &outage])
+                .await
+                .context("recording a failed publish on herald.outbox")?;
+        }
+        let mut dead = 0;
+        if !settle.refused.is_empty() {
+            let (min, max) = (
+                self.config.relay.backoff_min.as_millis() as f64,
+                self.config.relay.backoff_max.as_millis() as f64,
+            );
+            tx.execute(
+                RECORD_REFUSED,
+                &[&settle.refused, &settle.reasons, &min, &max],
             )
             .await
-            .context("moving undeliverable events to herald.dead_letters")?;
+            .context("recording refused events on herald.outbox")?;
+            dead = tx
+                .execute(
+                    DEAD_LETTER,
+                    &[&settle.refused, &(self.config.relay.max_attempts as i32)],
+                )
+                .await
+                .context("moving undeliverable events to herald.dead_letters")?;
+        }
         tx.commit()
             .await
             .context("committing a failed batch's attempts")?;
@@ -779,7 +934,11 @@ impl Drainer {
                 event = event::RELAY_DEAD_LETTERED,
                 events = dead,
                 max_attempts = self.config.relay.max_attempts,
-                %error,
+                error = settle
+                    .reasons
+                    .first()
+                    .map(String::as_str)
+                    .unwrap_or_default(),
                 "events could not be published and were moved to herald.dead_letters"
             );
         }
@@ -810,20 +969,69 @@ impl Drainer {
     }
 }
 
-/// Whether a publish failed because Redis could not be reached (no answer,
-/// refused, dropped, timed out), as opposed to Redis answering with an
-/// error. An outage must not spend events' attempts: they wait instead.
-fn is_outage(error: &Error) -> bool {
-    match error {
-        Error::RedisPool(_) | Error::Timeout(..) => true,
-        Error::Redis { error, .. } => {
-            error.is_io_error()
-                || error.is_connection_dropped()
-                || error.is_connection_refusal()
-                || error.is_timeout()
-                || error.is_unrecoverable_error()
+/// Whether Redis answered but refuses the relay as such (authentication,
+/// the PUBLISH command denied): an outage an operator must fix.
+fn is_auth_outage(error: &Error) -> bool {
+    matches!(error, Error::Redis { error, .. } if error.code().is_some())
+}
+
+/// How a batch that did not commit as a whole is settled, by what Redis did
+/// with each of its events.
+#[derive(Default)]
+struct Settle {
+    accepted: Vec<i64>,
+    refused: Vec<i64>,
+    reasons: Vec<String>,
+    unsent: Vec<i64>,
+    partitions: Vec<i16>,
+}
+
+/// How many events a drain worker claims next. After a publish timed out
+/// the next batch is half as large, down to one event, so a batch Redis
+/// cannot take in `redis.response_timeout` gets smaller rather than being
+/// re-published whole; a batch that needed more than one pipeline
+/// (`relay.batch_bytes`) makes the next claim take what fitted in one.
+/// Every fully published batch doubles it back, up to `relay.batch_size`.
+pub(crate) struct Pace {
+    limit: usize,
+    max: usize,
+    /// The head of the last single-event batch that timed out.
+    stuck: Option<i64>,
+}
+
+impl Pace {
+    pub(crate) fn new(max: usize) -> Pace {
+        Pace {
+            limit: max,
+            max,
+            stuck: None,
         }
-        _ => false,
+    }
+
+    pub(crate) fn limit(&self) -> usize {
+        self.limit
+    }
+
+    fn published(&mut self, first_pipeline: usize, events: usize) {
+        self.stuck = None;
+        self.limit = if first_pipeline < events {
+            first_pipeline.max(1)
+        } else {
+            (self.limit * 2).min(self.max)
+        };
+    }
+
+    /// After a timeout; whether this is a single-event batch whose head
+    /// already timed out alone, which is then charged (if Redis answers).
+    fn timed_out(&mut self, head: Option<i64>) -> bool {
+        if self.limit > 1 {
+            self.limit /= 2;
+            self.stuck = None;
+            return false;
+        }
+        let again = head.is_some() && self.stuck == head;
+        self.stuck = head;
+        again
     }
 }
 
