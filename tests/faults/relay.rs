@@ -92,3 +92,176 @@ async fn slow_redis_replies_deliver_everything_without_endless_duplicates() {
         0
     );
 }
+
+async fn redis_admin(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connecting to the private Redis")
+}
+
+async fn publish(
+    client: &impl tokio_postgres::GenericClient,
+    topic: &str,
+    seq: i64,
+    key: Option<&str>,
+) {
+    client
+        .query_one(
+            "SELECT herald.publish($1, jsonb_build_object('seq', $2::bigint), $3)",
+            &[&topic, &seq, &key],
+        )
+        .await
+        .expect("herald.publish");
+}
+
+// Issue 14.2: a user allowed only the `ok.*` channels; one transaction
+// publishes ok.1 (key k), bad.1, ok.2 (key k). Only bad.1 is refused: ok.1
+// and ok.2 arrive once each, bad.1 alone is charged and dead-lettered after
+// max_attempts, and a later ok.3 of key k still arrives after ok.1 and ok.2.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_publish_charges_only_its_event() {
+    let redis = common::RedisServer::start();
+    let mut admin = redis_admin(&redis.url()).await;
+    let db = TestDb::with(|c| {
+        c.relay.max_attempts = 3;
+        c.relay.backoff_min = Duration::from_millis(50);
+        c.relay.backoff_max = Duration::from_millis(200);
+    })
+    .await;
+    let allowed = format!("&{}ok.*", db.config.channel_prefix);
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "relay",
+            "on",
+            ">pw",
+            "~*",
+            "resetchannels",
+            &allowed,
+            "+@all",
+        ])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let mut config = db.config.clone();
+    config.redis_url = format!("redis://relay:pw@127.0.0.1:{}", redis.port);
+    let mut collector = direct_collector(&db, &redis.url()).await;
+    let mut client = db.client().await;
+    let tx = client.transaction().await.unwrap();
+    publish(&tx, "ok.1", 1, Some("k")).await;
+    publish(&tx, "bad.1", 1, None).await;
+    publish(&tx, "ok.2", 2, Some("k")).await;
+    tx.commit().await.unwrap();
+    let relay = common::RelayTask::start(&config);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while db.count("SELECT count(*) FROM herald.dead_letters").await < 1 {
+        assert!(Instant::now() < deadline, "bad.1 becomes a dead letter");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    publish(&client, "ok.3", 3, Some("k")).await;
+    let arrived = collector.distinct(3, Duration::from_secs(10)).await;
+    collector.drain_for(Duration::from_millis(500)).await;
+    relay.stop().await;
+    let topics: Vec<String> = collector.events.iter().map(|e| e.topic.clone()).collect();
+    let dead: Vec<(String, i32)> = client
+        .query("SELECT topic, attempts FROM herald.dead_letters", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    eprintln!("refused publish: received {topics:?}, dead letters {dead:?}");
+    assert!(arrived, "ok.1, ok.2 and ok.3 arrive: {topics:?}");
+    assert_eq!(topics, ["ok.1", "ok.2", "ok.3"], "each once, in key order");
+    assert_eq!(
+        dead,
+        [("bad.1".to_string(), 3)],
+        "only bad.1, after 3 attempts"
+    );
+    assert_eq!(db.count("SELECT count(*) FROM herald.outbox").await, 0);
+}
+
+// Issue 14.2: the default user is given a password mid-run (NOAUTH on
+// every PUBLISH of the relay's new connections): an outage, never the
+// events' fault. Nothing is charged or dead-lettered; all arrive once the
+// password is removed.
+#[tokio::test(flavor = "multi_thread")]
+async fn noauth_is_an_outage_not_a_refusal() {
+    let redis = common::RedisServer::start();
+    let mut admin = redis_admin(&redis.url()).await;
+    let db = TestDb::with(|c| {
+        c.redis_url = redis.url();
+        c.relay.max_attempts = 2;
+        c.relay.backoff_min = Duration::from_millis(20);
+        c.relay.backoff_max = Duration::from_millis(50);
+    })
+    .await;
+    let mut collector = db.collector().await;
+    let relay = db.relay();
+    let client = db.client().await;
+    publish(&client, "before", 0, Some("k")).await;
+    assert!(collector.distinct(1, Duration::from_secs(10)).await);
+    // The password takes effect for new connections; the relay's are cut
+    // (the subscriber's, of type pubsub, stays).
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "requirepass", "pw"])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let _: i64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    for seq in 1..=10 {
+        publish(&client, "during", seq, Some("k")).await;
+    }
+    let failed_before = relay
+        .stats
+        .failed_batches
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while relay
+        .stats
+        .failed_batches
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < failed_before + 10
+    {
+        assert!(Instant::now() < deadline, "the relay keeps trying");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let charged = db
+        .count("SELECT coalesce(sum(attempts), 0)::bigint FROM herald.outbox")
+        .await;
+    let dead_during = db.count("SELECT count(*) FROM herald.dead_letters").await;
+    let last_error: String = client
+        .query_one(
+            "SELECT coalesce(max(last_error), '') FROM herald.outbox",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "requirepass", ""])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let arrived = collector.distinct(11, Duration::from_secs(15)).await;
+    relay.stop().await;
+    eprintln!(
+        "noauth: {} of 11 arrived, {charged} attempts charged and {dead_during} dead letters during the outage; last_error {last_error:?}",
+        collector.distinct_ids()
+    );
+    assert_eq!(charged, 0, "an outage charges no attempt");
+    assert_eq!(dead_during, 0, "nothing is dead-lettered");
+    assert!(last_error.contains("NOAUTH"), "{last_error}");
+    assert!(arrived, "every event arrives after the fix");
+    common::assert_per_key_order(&collector, 1, 11);
+    assert_eq!(
+        db.count("SELECT count(*) FROM herald.dead_letters").await,
+        0
+    );
+}
