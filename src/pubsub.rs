@@ -111,12 +111,14 @@ impl Publication {
 /// PUBLISH every `(channel, message)` in order, in pipelines of at most
 /// `max_bytes` each (a larger message goes alone), one after the other, and
 /// report what Redis did with each. A pipeline that fails as a whole leaves
-/// it and every later message [`Sent::Unsent`].
+/// it and every later message [`Sent::Unsent`], and so does reaching
+/// `last_start` before a pipeline (which bounds how long the caller waits).
 pub async fn publish_each(
     pool: &deadpool_redis::Pool,
     messages: &[(String, String)],
     timeout: Duration,
     max_bytes: usize,
+    last_start: std::time::Instant,
 ) -> Publication {
     let mut out = Publication {
         sent: Vec::with_capacity(messages.len()),
@@ -124,8 +126,22 @@ pub async fn publish_each(
         timed_out: false,
         first_pipeline: 0,
     };
+    if messages.is_empty() {
+        return out;
+    }
+    let mut conn = match pool.get().await {
+        Ok(conn) => conn,
+        Err(error) => {
+            out.outage = Some(error.into());
+            out.sent.resize(messages.len(), Sent::Unsent);
+            return out;
+        }
+    };
     let mut start = 0;
     while start < messages.len() && out.outage.is_none() {
+        if start > 0 && std::time::Instant::now() >= last_start {
+            break;
+        }
         let mut end = start;
         let mut bytes = 0usize;
         while end < messages.len() {
@@ -139,7 +155,7 @@ pub async fn publish_each(
         if start == 0 {
             out.first_pipeline = end;
         }
-        match publish_pipeline(pool, &messages[start..end], timeout).await {
+        match publish_pipeline(&mut conn, &messages[start..end], timeout).await {
             Ok(results) => {
                 for result in results {
                     match result {
@@ -175,18 +191,17 @@ pub async fn publish_each(
 
 /// One pipeline with per-command results.
 async fn publish_pipeline(
-    pool: &deadpool_redis::Pool,
+    conn: &mut deadpool_redis::Connection,
     messages: &[(String, String)],
     timeout: Duration,
 ) -> Result<Vec<redis::RedisResult<i64>>> {
-    let mut conn = pool.get().await?;
     let mut pipe = redis::pipe();
     pipe.ignore_errors();
     for (channel, message) in messages {
         pipe.publish(channel, message);
     }
     let results: Vec<redis::RedisResult<i64>> =
-        tokio::time::timeout(timeout, pipe.query_async(&mut *conn))
+        tokio::time::timeout(timeout, pipe.query_async(&mut **conn))
             .await
             .map_err(|_| {
                 Error::Timeout(

@@ -66,7 +66,7 @@ const ARCHIVE_MAINTENANCE_EVERY: Duration = Duration::from_secs(600);
 // as a hash join over a sequential scan of the outbox, 28 ms of a
 // 1,000-event claim with 200,000 waiting (6 ms now; EXPLAIN ANALYZE).
 //
-// The claim runs on a generic plan (BEGIN_CLAIM), planned once per
+// The claim runs on a generic plan (begin_claim), planned once per
 // connection and again when the outbox's statistics change: planning it
 // afresh was 0.2 ms of an empty claim's 0.3 ms, on every claim. A generic
 // plan cannot look at the parameters, so the statement is written to leave
@@ -174,10 +174,32 @@ ORDER BY id";
 // requires herald.relay_fan_out, which a SET LOCAL outside a transaction
 // block does not leave set: it claims nothing rather than deleting events
 // with no transaction left to roll back.
-const BEGIN_CLAIM: &str = concat!(
-    "BEGIN; SET LOCAL herald.relay_fan_out = on; SET LOCAL synchronous_commit = off; ",
-    crate::db::plan_on_indexes!()
-);
+//
+// The server bounds the transaction (claim_hold): a relay that stops while
+// it holds partitions (SIGSTOP, a hung host, a partition from Postgres) is
+// disconnected after `idle_in_transaction_session_timeout`, or when its
+// unacknowledged data times out (`tcp_user_timeout`), so its partitions
+// pass to another relay. Both are longer than the longest publish the relay
+// waits for, and SET LOCAL, so no other user of the pool inherits them.
+fn begin_claim(hold: Duration) -> String {
+    format!(
+        "BEGIN; SET LOCAL herald.relay_fan_out = on; SET LOCAL synchronous_commit = off; \
+         SET LOCAL idle_in_transaction_session_timeout = {ms}; SET LOCAL tcp_user_timeout = {ms}; {}",
+        crate::db::plan_on_indexes!(),
+        ms = hold.as_millis()
+    )
+}
+
+/// How long a claim transaction may legitimately sit idle while its batch is
+/// published: a Redis connection from the pool (waiting for one, then
+/// creating it: twice `redis.connect_timeout`), the pipelines that start
+/// within one `redis.response_timeout` of that (`publish_each` starts none
+/// later), each up to `redis.response_timeout`, and a second of margin. A
+/// stopped relay's partitions pass to another relay after this and at most
+/// that relay's `relay.poll_interval`.
+pub fn claim_hold(config: &Config) -> Duration {
+    config.redis.connect_timeout * 2 + config.redis.response_timeout * 2 + Duration::from_secs(1)
+}
 
 // Record an outage on rows Redis did not run: never an attempt, and they
 // stay due (the relay backs off as a whole).
@@ -270,7 +292,7 @@ FROM (SELECT topic, env::jsonb AS env, ord
 JOIN herald.subscriptions s ON s.enabled AND e.topic LIKE s.topic_like
 ORDER BY e.ord, s.name";
 
-/// The claim's transaction, begun by BEGIN_CLAIM pipelined with the claim
+/// The claim's transaction, begun by begin_claim pipelined with the claim
 /// itself (tokio-postgres' `Transaction` waits for its BEGIN first). Like
 /// `Transaction`, it rolls back when dropped unfinished, here on a task of
 /// its own that then returns the connection to the pool, or closes it if the
@@ -392,6 +414,7 @@ impl Relay {
             stats: self.stats.clone(),
             catalog,
             redis_down: Default::default(),
+            begin_claim: begin_claim(claim_hold(&self.config)),
             vacuum: crate::vacuum::Vacuum::new(
                 "herald.outbox",
                 self.config.relay.vacuum_after,
@@ -544,6 +567,8 @@ struct Drainer {
     redis_down: std::sync::atomic::AtomicBool,
     /// Events removed since this relay last vacuumed the outbox.
     vacuum: crate::vacuum::Vacuum,
+    /// BEGIN and the claim transaction's settings (see [`begin_claim`]).
+    begin_claim: String,
 }
 
 impl Drainer {
@@ -617,7 +642,7 @@ impl Drainer {
         let claim_started = Instant::now();
         // With nothing to check, the claim fans out to subscriptions itself.
         let checks = self.catalog.checks_anything();
-        // BEGIN_CLAIM goes in the same round trip as the claim
+        // begin_claim goes in the same round trip as the claim
         // (tokio-postgres pipelines them in order): a round trip less on
         // every event's way to Redis, and on every empty sweep.
         let (batch_size, retain, per_batch, fan_out_here) = (
@@ -634,7 +659,10 @@ impl Drainer {
             &per_batch,
             &fan_out_here,
         ];
-        let (quiet, rows) = tokio::join!(tx.batch_execute(BEGIN_CLAIM), tx.query(&claim, &params));
+        let (quiet, rows) = tokio::join!(
+            tx.batch_execute(&self.begin_claim),
+            tx.query(&claim, &params)
+        );
         quiet.context("setting up the claim transaction")?;
         let rows = rows.context("claiming a batch from herald.outbox")?;
         if rows.is_empty() {
@@ -740,11 +768,17 @@ impl Drainer {
                 .await
                 .context("notifying workers of fanned-out tasks")?;
         }
+        // No pipeline starts later than this, so the claim transaction
+        // stays well inside claim_hold.
+        let last_start = claim_started
+            + self.config.redis.connect_timeout * 2
+            + self.config.redis.response_timeout;
         let publication = crate::pubsub::publish_each(
             &self.redis,
             &messages,
             self.config.redis.response_timeout,
             relay.batch_bytes,
+            last_start,
         )
         .await;
         if publication.all_accepted() {
@@ -815,7 +849,10 @@ impl Drainer {
                     component = "relay", %error, "Redis unreachable; the relay holds events back");
             }
         }
-        let outage_text = outage.as_ref().map(|e| e.to_string()).unwrap_or_default();
+        let outage_text = outage.as_ref().map_or_else(
+            || "redis: not sent: the batch's publish time ran out".to_string(),
+            |e| e.to_string(),
+        );
         self.settle(&settle, &outage_text).await?;
         if !settle.accepted.is_empty() {
             self.vacuum.removed(settle.accepted.len() as u64);

@@ -265,3 +265,83 @@ async fn noauth_is_an_outage_not_a_refusal() {
         0
     );
 }
+
+// Issue 14.7: a relay frozen (SIGSTOP) while its batch waits for Redis
+// holds its partitions' locks in an open transaction. The server ends that
+// transaction after claim_hold, so a second relay drains those partitions
+// within claim_hold + its poll_interval, in key order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_relay_passes_its_partitions_on_within_the_bound() {
+    let real = common::redis_url();
+    let (proxy, via_proxy) = Proxy::for_url(&real).await;
+    let db = TestDb::with(|c| {
+        c.relay.poll_interval = Duration::from_secs(1);
+        c.redis.connect_timeout = Duration::from_secs(1);
+        c.redis.response_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let hold = herald::relay::claim_hold(&db.config);
+    let mut collector = db.collector().await;
+    common::insert_events(&db.config, 10, 20).await;
+    let mut frozen_config = db.config.clone();
+    frozen_config.redis_url = via_proxy.clone();
+    // Replies slower than a batch's claim, within response_timeout: the
+    // child sits in its claim transaction while it waits for them.
+    proxy.delay(Dir::Down, Duration::from_millis(1500));
+    let child = common::HeraldProcess::spawn(
+        &frozen_config,
+        &[
+            ("HERALD_REDIS_CONNECT_TIMEOUT", "1s"),
+            ("HERALD_REDIS_RESPONSE_TIMEOUT", "2s"),
+            ("HERALD_RELAY_BATCH_SIZE", "20"),
+        ],
+    );
+    let client = db.client().await;
+    let mid_batch = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{}' \
+         AND application_name = 'herald-relay' AND state = 'idle in transaction'",
+        db.name
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while common::scalar(&client, &mid_batch).await == 0 {
+        assert!(Instant::now() < deadline, "the child relay claims a batch");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    child.signal(libc::SIGSTOP);
+    let frozen_at = Instant::now();
+    let held = common::scalar(
+        &client,
+        &format!(
+            "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+             WHERE a.datname = '{}' AND a.application_name = 'herald-relay' \
+             AND l.locktype = 'advisory'",
+            db.name
+        ),
+    )
+    .await;
+    let relay = db.relay();
+    let all = collector
+        .distinct(200, hold + Duration::from_secs(10))
+        .await;
+    let took = frozen_at.elapsed();
+    relay.stop().await;
+    child.signal(libc::SIGCONT);
+    child.kill9().await;
+    eprintln!(
+        "stopped relay: held {held} partition locks; {} of 200 arrived {took:?} after the freeze (bound {:?}), {} receipts",
+        collector.distinct_ids(),
+        hold + db.config.relay.poll_interval,
+        collector.events.len()
+    );
+    assert!(held > 0, "the frozen relay held partitions");
+    assert!(
+        all,
+        "every event arrives ({} of 200)",
+        collector.distinct_ids()
+    );
+    assert!(
+        took <= hold + db.config.relay.poll_interval + Duration::from_secs(2),
+        "within the bound: {took:?}"
+    );
+    common::assert_per_key_order(&collector, 10, 20);
+}
