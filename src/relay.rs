@@ -351,8 +351,16 @@ pub struct RelayStats {
     pub failed_batches: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub listen_connects: AtomicU64,
-    /// Whether the LISTEN connection is up now (`/readyz`).
+    /// Whether the LISTEN connection is up now and every drain worker and
+    /// the listener still run (`/readyz`): cleared for good when one of
+    /// them died.
     pub listening: std::sync::atomic::AtomicBool,
+    /// A drain worker or the listener died (panicked); the relay is no
+    /// longer ready however well the rest runs.
+    pub failed: std::sync::atomic::AtomicBool,
+    /// Fault injection for tests: the next drain worker to look panics.
+    #[doc(hidden)]
+    pub inject_panic: std::sync::atomic::AtomicBool,
     /// Events refused by the catalog (schema or strict mode).
     pub invalid: AtomicU64,
     /// Tasks inserted for durable subscriptions.
@@ -400,7 +408,7 @@ impl Relay {
         let (wake_tx, wake_rx) = watch::channel(0u64);
         let wake_tx = Arc::new(wake_tx);
         let idle = Arc::new(crate::wake::Idle::new(self.config.relay.concurrency));
-        let listener = tokio::spawn(listen(
+        let listener_task = tokio::spawn(listen(
             self.config.clone(),
             wake_tx.clone(),
             idle.clone(),
@@ -421,16 +429,23 @@ impl Relay {
                 self.pool.clone(),
             ),
         });
+        let listener_abort = listener_task.abort_handle();
+        let listener = tokio::spawn(watch_task("listener", listener_task, self.stats.clone()));
         // Create today's archive partition before the first claim, so
         // archived rows never start out in the default partition.
         shared.maintain_archive().await;
         let mut workers = Vec::new();
         for n in 0..self.config.relay.concurrency {
-            workers.push(tokio::spawn(shared.clone().work(
+            let worker = tokio::spawn(shared.clone().work(
                 n,
                 wake_rx.clone(),
                 idle.clone(),
                 shutdown.clone(),
+            ));
+            workers.push(tokio::spawn(watch_task(
+                "drain worker",
+                worker,
+                self.stats.clone(),
             )));
         }
         tracing::info!(
@@ -443,13 +458,25 @@ impl Relay {
                 tracing::error!(error = %e, "relay worker panicked");
             }
         }
-        listener.abort();
+        listener_abort.abort();
         let _ = listener.await;
         tracing::info!(
             published = self.stats.published.load(Ordering::Relaxed),
             "relay stopped"
         );
         Ok(())
+    }
+}
+
+/// Wait for one of the relay's tasks; if it panicked, the relay is no
+/// longer ready (`RelayStats::failed`, and `listening` cleared for good).
+async fn watch_task(what: &'static str, task: tokio::task::JoinHandle<()>, stats: Arc<RelayStats>) {
+    if let Err(error) = task.await {
+        if error.is_panic() {
+            stats.failed.store(true, Ordering::SeqCst);
+            stats.listening.store(false, Ordering::SeqCst);
+            tracing::error!(task = what, %error, "relay task panicked; the relay reports itself not ready");
+        }
     }
 }
 
@@ -538,6 +565,11 @@ async fn listen_once(
         crate::telemetry::reconnected("postgres", "relay");
     }
     stats.listening.store(true, Ordering::Relaxed);
+    // A task that died meanwhile keeps the relay unready (watch_task sets
+    // `failed` before clearing `listening`).
+    if stats.failed.load(Ordering::SeqCst) {
+        stats.listening.store(false, Ordering::SeqCst);
+    }
     tracing::debug!("relay listening on {CHANNEL}");
     // Sweep right after LISTEN took effect: anything committed before is
     // found by the sweep, anything after sends a notification or is found
@@ -594,6 +626,9 @@ impl Drainer {
             // Drain until nothing is left for us, or until asked to stop.
             let mut failed = false;
             while !shutdown.is_cancelled() {
+                if self.stats.inject_panic.swap(false, Ordering::Relaxed) {
+                    panic!("relay drain worker {n}: panic injected by a test");
+                }
                 offset = offset.wrapping_add(1) & 0x3fff_ffff;
                 match self.claim_and_publish(offset, &mut pace).await {
                     // Nothing due in any partition this worker could take.

@@ -345,3 +345,69 @@ async fn a_stopped_relay_passes_its_partitions_on_within_the_bound() {
     );
     common::assert_per_key_order(&collector, 10, 20);
 }
+
+// Issue 14.10: a row that is not due yet (a producer whose transaction
+// started after the claim's, or an event held back after a refusal) is never
+// passed by a later row of its partition: the claim stops at it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_later_row_never_passes_an_earlier_one_not_yet_due() {
+    let db = TestDb::with(|c| c.relay.poll_interval = Duration::from_millis(200)).await;
+    let mut collector = db.collector().await;
+    let client = db.client().await;
+    publish(&client, "test.order", 0, Some("k")).await;
+    // As the claim would see a row whose producer's transaction began
+    // after the claim's: available_at later than the claim's now().
+    client
+        .execute(
+            "UPDATE herald.outbox SET available_at = clock_timestamp() + interval '1 second'",
+            &[],
+        )
+        .await
+        .unwrap();
+    publish(&client, "test.order", 1, Some("k")).await;
+    let relay = db.relay();
+    let arrived = collector.distinct(2, Duration::from_secs(10)).await;
+    relay.stop().await;
+    let seqs = collector.seqs_by_key().remove("k").unwrap_or_default();
+    eprintln!("not yet due: key k arrived as {seqs:?}");
+    assert!(arrived, "both arrive");
+    assert_eq!(seqs, [0, 1], "in key order");
+}
+
+// Issue 14.10: /readyz reads `listening`; a drain worker that panics must
+// turn it off for good, though the LISTEN connection is fine.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_panicked_drain_worker_makes_the_relay_unready() {
+    use std::sync::atomic::Ordering;
+    let db = TestDb::new().await;
+    let relay = db.relay();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !relay.stats.listening.load(Ordering::Relaxed) {
+        assert!(Instant::now() < deadline, "the relay listens");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    relay.stats.inject_panic.store(true, Ordering::Relaxed);
+    let client = db.client().await;
+    publish(&client, "test.wake", 0, None).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while relay.stats.listening.load(Ordering::Relaxed) {
+        assert!(
+            Instant::now() < deadline,
+            "readiness turns off after a drain worker panicked"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(relay.stats.failed.load(Ordering::Relaxed));
+    // It stays off: the LISTEN connection coming back does not turn it on.
+    client
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = 'herald-relay-listen'",
+            &[],
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(!relay.stats.listening.load(Ordering::Relaxed));
+    relay.stop().await;
+}
