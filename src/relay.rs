@@ -6,11 +6,15 @@
 //! events that never get through, and expiry of the archive. In the claim's
 //! transaction it also checks events against the catalog (events that fail
 //! go to the dead letters, undelivered) and inserts one task per matching
-//! durable subscription.
+//! durable subscription; while Redis does not take the events it inserts
+//! those tasks in transactions of their own and marks the rows
+//! (`fanned_out`), so each event's tasks are inserted exactly once.
 //!
-//! It must never commit a claim before Redis acknowledged the publish (that
-//! would lose events), and never let two transactions drain one partition at
-//! the same time (that would reorder a key), and never sleep without either
+//! It must never remove an event from the outbox before Redis acknowledged
+//! its PUBLISH (that would lose events), never publish an event while an
+//! earlier one of its partition waits out a backoff, and never let two
+//! transactions drain one partition at the same time (either would reorder
+//! a key), and never sleep without either
 //! holding the wake lock or knowing another relay holds it (that would leave
 //! an event waiting for `poll_interval`). NOTIFY is only a wake-up: every
 //! decision is taken from the table.
@@ -124,7 +128,7 @@ WITH owned AS MATERIALIZED (
             ORDER BY c.id
             LIMIT $1))
         FOR UPDATE SKIP LOCKED))
-    RETURNING id, event_id, topic, key, partition, payload, headers, created_at, attempts
+    RETURNING id, event_id, topic, key, partition, payload, headers, created_at, attempts, fanned_out
 ), archived AS (
     INSERT INTO herald.outbox_archive (id, event_id, topic, key, partition, payload, headers, created_at, attempts)
     SELECT id, event_id, topic, key, partition, payload, headers, created_at, attempts
@@ -132,7 +136,8 @@ WITH owned AS MATERIALIZED (
 ), fanned AS (
     -- When $6 (no catalog check can refuse an event of this batch), the
     -- durable subscriptions' tasks are inserted here, in the same statement:
-    -- no second round trip, no second parse of the envelopes.
+    -- no second round trip, no second parse of the envelopes. Events
+    -- fanned out while Redis was down (fanned_out) already have theirs.
     INSERT INTO herald.tasks (queue, kind, payload, headers, max_attempts, timeout)
     SELECT s.queue, s.kind,
            jsonb_build_object('id', c.event_id, 'topic', c.topic, 'key', c.key,
@@ -146,14 +151,15 @@ WITH owned AS MATERIALIZED (
            s.max_attempts, s.timeout
     FROM claimed c
     JOIN herald.subscriptions s ON s.enabled AND c.topic LIKE s.topic_like
-    WHERE $6
+    WHERE $6 AND NOT c.fanned_out
     ORDER BY c.id, s.name
     RETURNING 1
 )
 SELECT id, topic, partition,
        json_build_object('id', event_id, 'topic', topic, 'key', key, 'payload', payload,
                          'headers', headers, 'created_at', created_at)::text,
-       (SELECT count(*) FROM fanned) AS fanned_out
+       (SELECT count(*) FROM fanned) AS fanned_out,
+       fanned_out AS was_fanned_out
 FROM claimed
 ORDER BY id";
 
@@ -223,7 +229,7 @@ WHERE o.id = r.id";
 const SETTLE_PUBLISHED: &str = "
 WITH gone AS (
     DELETE FROM herald.outbox WHERE id = ANY($1)
-    RETURNING id, event_id, topic, key, partition, payload, headers, created_at, attempts
+    RETURNING id, event_id, topic, key, partition, payload, headers, created_at, attempts, fanned_out
 ), archived AS (
     INSERT INTO herald.outbox_archive (id, event_id, topic, key, partition, payload, headers, created_at, attempts)
     SELECT id, event_id, topic, key, partition, payload, headers, created_at, attempts
@@ -242,7 +248,46 @@ SELECT s.queue, s.kind,
        s.max_attempts, s.timeout
 FROM gone c
 JOIN herald.subscriptions s ON s.enabled AND c.topic LIKE s.topic_like
+WHERE NOT c.fanned_out
 ORDER BY c.id, s.name";
+
+// Mark rows as fanned out (sql/V9__outbox_fanned_out.sql); returns those
+// that were not yet, whose tasks the caller then inserts in the same
+// transaction (FAN_OUT), under their partitions' locks.
+const MARK_FANNED_OUT: &str = "
+UPDATE herald.outbox SET fanned_out = true
+WHERE id = ANY($1) AND NOT fanned_out
+  AND EXISTS (SELECT 1 FROM herald.subscriptions WHERE enabled)
+RETURNING id";
+
+// While Redis is down: take up to $3 partitions whose lock is free (from
+// $2 on) and return their oldest $1 rows not yet fanned out, when any
+// durable subscription is enabled. The caller checks them against the
+// catalog, fans out the valid ones and marks them all, then commits.
+const UNFANNED: &str = "
+WITH owned AS MATERIALIZED (
+    SELECT s.p
+    FROM (SELECT partitions FROM herald.settings LIMIT 1) AS st,
+         LATERAL (SELECT ((g + $2) % st.partitions)::smallint AS p
+                  FROM generate_series(0, st.partitions - 1) AS g) AS s,
+         LATERAL (SELECT pg_try_advisory_xact_lock($4, s.p) AS got
+                  FROM herald.outbox o
+                  WHERE o.partition >= s.p AND o.partition <= s.p AND NOT o.fanned_out
+                  LIMIT 1) AS due
+    WHERE due.got AND EXISTS (SELECT 1 FROM herald.subscriptions WHERE enabled)
+    LIMIT $3
+)
+SELECT c.id, c.topic,
+       json_build_object('id', c.event_id, 'topic', c.topic, 'key', c.key, 'payload', c.payload,
+                         'headers', c.headers, 'created_at', c.created_at)::text
+FROM owned,
+     LATERAL (SELECT id, event_id, topic, key, payload, headers, created_at
+              FROM herald.outbox
+              WHERE partition >= owned.p AND partition <= owned.p AND NOT fanned_out
+              ORDER BY partition, id
+              LIMIT $1) AS c
+ORDER BY c.id
+LIMIT $1";
 
 // Wait for (not try) the partitions' transaction locks, in a fixed order.
 const LOCK_PARTITIONS: &str = "
@@ -643,6 +688,21 @@ impl Drainer {
                     }
                 }
             }
+            if failed && self.redis_down.load(Ordering::Relaxed) {
+                // Webhooks and task subscribers need only Postgres: fan the
+                // waiting events out now, once each (herald.outbox.fanned_out).
+                while !shutdown.is_cancelled() {
+                    offset = offset.wrapping_add(1) & 0x3fff_ffff;
+                    match self.fan_out_waiting(offset, relay.batch_size).await {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(error) => {
+                            tracing::warn!(%error, "fan-out while Redis is down failed");
+                            break;
+                        }
+                    }
+                }
+            }
             if shutdown.is_cancelled() {
                 return;
             }
@@ -743,6 +803,7 @@ impl Drainer {
         let mut topics = Vec::with_capacity(rows.len());
         let mut envelopes = Vec::with_capacity(rows.len());
         let mut invalid: (Vec<i64>, Vec<String>, Vec<String>) = Default::default();
+        let mut unfanned = Vec::with_capacity(rows.len());
         for row in &rows {
             let id = row.get::<_, i64>(0);
             let topic: &str = row.get(1);
@@ -757,9 +818,11 @@ impl Drainer {
             }
             ids.push(id);
             partitions.push(row.get::<_, i16>(2));
+            let was_fanned_out = row.get::<_, bool>(5);
+            unfanned.push(!was_fanned_out);
             // Only batches the catalog checks fan out separately and need
             // their own copy; the usual path moves the envelope.
-            if checks {
+            if checks && !was_fanned_out {
                 topics.push(topic.to_string());
                 envelopes.push(envelope.clone());
             }
@@ -782,7 +845,7 @@ impl Drainer {
         }
         let tasks = if !checks {
             rows[0].get::<_, i64>(4) as u64
-        } else if !messages.is_empty() {
+        } else if !topics.is_empty() {
             let fan_out = tx
                 .prepare_cached(FAN_OUT)
                 .await
@@ -843,7 +906,13 @@ impl Drainer {
         tracing::debug!(parent: &span, event = event::RELAY_PARTITION_RELEASED,
             partitions = held.as_str(), outcome = "rolled back", "relay partitions released");
         let mut settle = Settle::default();
-        for ((id, sent), partition) in ids.iter().zip(&publication.sent).zip(&partitions) {
+        let prefix = self.config.channel_prefix.len();
+        for (i, ((id, sent), partition)) in ids
+            .iter()
+            .zip(&publication.sent)
+            .zip(&partitions)
+            .enumerate()
+        {
             match sent {
                 crate::pubsub::Sent::Accepted => settle.accepted.push(*id),
                 crate::pubsub::Sent::Refused(reason) => {
@@ -851,6 +920,12 @@ impl Drainer {
                     settle.reasons.push(reason.clone());
                 }
                 crate::pubsub::Sent::Unsent => settle.unsent.push(*id),
+            }
+            // Its durable subscriptions must not wait for Redis.
+            if *sent != crate::pubsub::Sent::Accepted && unfanned[i] {
+                settle.fan_ids.push(*id);
+                settle.fan_topics.push(messages[i].0[prefix..].to_string());
+                settle.fan_envelopes.push(messages[i].1.clone());
             }
             settle.partitions.push(*partition);
         }
@@ -905,6 +980,78 @@ impl Drainer {
             // Only refusals: the rest went through, keep draining.
             None => Ok(rows.len()),
         }
+    }
+
+    /// Mark `ids` fanned out and insert the tasks of those that were not
+    /// yet (and that the catalog accepts), in the caller's transaction,
+    /// which holds their partitions.
+    async fn fan_out_marked(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        ids: &[i64],
+        topics: &[String],
+        envelopes: &[String],
+    ) -> Result<u64> {
+        let marked: std::collections::HashSet<i64> = tx
+            .query(MARK_FANNED_OUT, &[&ids])
+            .await
+            .context("marking events fanned out in herald.outbox")?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let (mut fan_topics, mut fan_envelopes) = (Vec::new(), Vec::new());
+        for ((id, topic), envelope) in ids.iter().zip(topics).zip(envelopes) {
+            if marked.contains(id)
+                && (!self.catalog.checks_anything() || self.check(topic, envelope).is_ok())
+            {
+                fan_topics.push(topic.as_str());
+                fan_envelopes.push(envelope.as_str());
+            }
+        }
+        if fan_topics.is_empty() {
+            return Ok(0);
+        }
+        let tasks = tx
+            .execute(FAN_OUT, &[&fan_topics, &fan_envelopes])
+            .await
+            .context("inserting tasks for durable subscriptions while Redis is down")?;
+        self.stats.fanned_out.fetch_add(tasks, Ordering::Relaxed);
+        metrics::counter!(metric::RELAY_FANNED_OUT).increment(tasks);
+        Ok(tasks)
+    }
+
+    /// While Redis is down: fan out events waiting in the outbox to their
+    /// durable subscriptions (webhooks and task subscribers need only
+    /// Postgres), a batch of partitions at a time; returns how many events
+    /// it took.
+    async fn fan_out_waiting(&self, offset: i32, limit: usize) -> Result<usize> {
+        let mut client = self.pool.get().await?;
+        let tx = client
+            .transaction()
+            .await
+            .context("beginning a fan-out while Redis is down")?;
+        let rows = tx
+            .query(
+                UNFANNED,
+                &[
+                    &(limit as i64),
+                    &offset,
+                    &(self.config.relay.partitions_per_batch as i64),
+                    &PARTITION_LOCK_SPACE,
+                ],
+            )
+            .await
+            .context("reading events not yet fanned out from herald.outbox")?;
+        if !rows.is_empty() {
+            let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+            let topics: Vec<String> = rows.iter().map(|r| r.get(1)).collect();
+            let envelopes: Vec<String> = rows.iter().map(|r| r.get(2)).collect();
+            self.fan_out_marked(&tx, &ids, &topics, &envelopes).await?;
+        }
+        tx.commit()
+            .await
+            .context("committing a fan-out while Redis is down")?;
+        Ok(rows.len())
     }
 
     /// Whether Redis answers a PING within the response timeout.
@@ -970,6 +1117,15 @@ impl Drainer {
             if tasks > 0 {
                 metrics::counter!(metric::RELAY_FANNED_OUT).increment(tasks);
             }
+        }
+        if !settle.fan_ids.is_empty() {
+            self.fan_out_marked(
+                &tx,
+                &settle.fan_ids,
+                &settle.fan_topics,
+                &settle.fan_envelopes,
+            )
+            .await?;
         }
         if !settle.unsent.is_empty() {
             tx.execute(RECORD_FAILURE, &[&settle.unsent, &outage])
@@ -1056,6 +1212,11 @@ struct Settle {
     reasons: Vec<String>,
     unsent: Vec<i64>,
     partitions: Vec<i16>,
+    /// Events not published that still need their durable subscriptions'
+    /// tasks, with their topics and envelopes.
+    fan_ids: Vec<i64>,
+    fan_topics: Vec<String>,
+    fan_envelopes: Vec<String>,
 }
 
 /// How many events a drain worker claims next. After a publish timed out

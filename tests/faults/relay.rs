@@ -411,3 +411,82 @@ async fn a_panicked_drain_worker_makes_the_relay_unready() {
     assert!(!relay.stats.listening.load(Ordering::Relaxed));
     relay.stop().await;
 }
+
+// Issue 14.8: Redis unreachable. A durable subscription's tasks (Postgres
+// only) are created all the same, once per event; when Redis is back the
+// events are published and no second task appears.
+#[tokio::test(flavor = "multi_thread")]
+async fn durable_subscriptions_flow_while_redis_is_down_exactly_once() {
+    let real = common::redis_url();
+    let (proxy, via_proxy) = Proxy::for_url(&real).await;
+    let db = TestDb::with(|c| {
+        c.redis_url = via_proxy.clone();
+        c.redis.connect_timeout = Duration::from_millis(500);
+        c.relay.backoff_min = Duration::from_millis(50);
+        c.relay.backoff_max = Duration::from_millis(300);
+        c.relay.batch_size = 20;
+    })
+    .await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "INSERT INTO herald.subscriptions (name, pattern, kind) \
+             VALUES ('durable', 'test.*', 'sub:durable')",
+        )
+        .await
+        .unwrap();
+    let mut collector = direct_collector(&db, &real).await;
+    proxy.refuse();
+    proxy.cut();
+    common::insert_events(&db.config, 5, 20).await;
+    let relay = db.relay();
+    let tasks =
+        "SELECT count(*) FROM herald.tasks WHERE headers->>'herald_subscription' = 'durable'";
+    let distinct_tasks = "SELECT count(DISTINCT headers->>'herald_event_id') FROM herald.tasks \
+                          WHERE headers->>'herald_subscription' = 'durable'";
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut during = 0;
+    while Instant::now() < deadline {
+        during = common::scalar(&client, tasks).await;
+        if during >= 100 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let waiting = db.count("SELECT count(*) FROM herald.outbox").await;
+    let received_during = collector.drain_for(Duration::from_millis(200)).await;
+    proxy.heal();
+    let all = collector.distinct(100, Duration::from_secs(20)).await;
+    let left = outbox_after(&db, Duration::from_secs(10)).await;
+    relay.stop().await;
+    let after = common::scalar(&client, tasks).await;
+    let distinct = common::scalar(&client, distinct_tasks).await;
+    eprintln!(
+        "redis down: {during} tasks for 100 events during the outage ({waiting} events waiting, {received_during} received); \
+         after: {} of 100 published, {after} tasks ({distinct} distinct events), {left} left",
+        collector.distinct_ids()
+    );
+    assert_eq!(
+        during, 100,
+        "every event's task is created while Redis is down"
+    );
+    assert_eq!(waiting, 100, "the events wait for Redis");
+    assert!(all, "every event is published once Redis is back");
+    assert_eq!(left, 0);
+    assert_eq!(
+        (after, distinct),
+        (100, 100),
+        "one task per event, no second one"
+    );
+    common::assert_per_key_order(&collector, 5, 20);
+    // The tasks were created in each key's order too.
+    let out_of_order = common::scalar(
+        &client,
+        "SELECT count(*) FROM (SELECT payload->>'key' AS k, (payload->'payload'->>'seq')::int AS seq,
+                lag((payload->'payload'->>'seq')::int) OVER (PARTITION BY payload->>'key' ORDER BY id) AS prev
+         FROM herald.tasks WHERE headers->>'herald_subscription' = 'durable') t
+         WHERE prev IS NOT NULL AND prev > seq",
+    )
+    .await;
+    assert_eq!(out_of_order, 0, "tasks in key order");
+}
