@@ -85,15 +85,17 @@ const ARCHIVE_MAINTENANCE_EVERY: Duration = Duration::from_secs(600);
 // - herald.settings is read with LIMIT 1, so a never-analyzed settings
 //   table is not estimated at 1,810 rows.
 //
-// A partition is taken only when its oldest row is due, and its rows only
-// up to the first that is not: an event Redis refused waits out its backoff
-// in `available_at` and holds back everything after it in its partition, so
-// no later event of its key passes it. Due means `available_at <=
-// clock_timestamp()`, read after the statement's snapshot: a producer's
-// `available_at` (its transaction's start) is before its commit, so every
-// row the claim can see and that nobody held back is due; `now()`, the
-// claim transaction's start, could call a just-committed row not due and
-// let a later row of its key pass it.
+// A partition is taken only when its oldest row is due: an event Redis
+// refused waits out its backoff in `available_at` and holds back everything
+// after it in its partition, so no later event of its key passes it. Due
+// means `available_at <= clock_timestamp()`, read after the statement's
+// snapshot: a producer's `available_at` (its transaction's start) is before
+// its commit, so every row the claim can see is due unless the relay held
+// it back; `now()`, the claim transaction's start, could call a
+// just-committed row not due. Only the head needs the test: the relay holds
+// back only rows with nothing but held rows before them in their partition
+// (see `Settle`), so behind a due head every row may go (a held row behind
+// it merely goes before its own backoff ends, still in order).
 const CLAIM: &str = "
 WITH owned AS MATERIALIZED (
     SELECT s.p
@@ -115,16 +117,10 @@ WITH owned AS MATERIALIZED (
         WHERE l.id = ANY(ARRAY(
             SELECT c.id
             FROM owned,
-                 LATERAL (SELECT w.id
-                          FROM (SELECT h.id,
-                                       bool_and(h.due) OVER (ORDER BY h.partition, h.id
-                                                             ROWS UNBOUNDED PRECEDING) AS due
-                                FROM (SELECT id, partition, available_at <= clock_timestamp() AS due
-                                      FROM herald.outbox
-                                      WHERE partition >= owned.p AND partition <= owned.p
-                                      ORDER BY partition, id
-                                      LIMIT $1) AS h) AS w
-                          WHERE w.due) AS c
+                 LATERAL (SELECT id FROM herald.outbox
+                          WHERE partition >= owned.p AND partition <= owned.p
+                          ORDER BY partition, id
+                          LIMIT $1) AS c
             ORDER BY c.id
             LIMIT $1))
         FOR UPDATE SKIP LOCKED))
@@ -907,6 +903,10 @@ impl Drainer {
             partitions = held.as_str(), outcome = "rolled back", "relay partitions released");
         let mut settle = Settle::default();
         let prefix = self.config.channel_prefix.len();
+        // Partitions with an event Redis did not run: a refusal behind one
+        // is not held back (that would leave a due row before a held one,
+        // which CLAIM's head test does not look past); it waits uncharged.
+        let mut unsent_in: std::collections::HashSet<i16> = Default::default();
         for (i, ((id, sent), partition)) in ids
             .iter()
             .zip(&publication.sent)
@@ -915,11 +915,14 @@ impl Drainer {
         {
             match sent {
                 crate::pubsub::Sent::Accepted => settle.accepted.push(*id),
-                crate::pubsub::Sent::Refused(reason) => {
+                crate::pubsub::Sent::Refused(reason) if !unsent_in.contains(partition) => {
                     settle.refused.push(*id);
                     settle.reasons.push(reason.clone());
                 }
-                crate::pubsub::Sent::Unsent => settle.unsent.push(*id),
+                _ => {
+                    unsent_in.insert(*partition);
+                    settle.unsent.push(*id);
+                }
             }
             // Its durable subscriptions must not wait for Redis.
             if *sent != crate::pubsub::Sent::Accepted && unfanned[i] {
