@@ -1299,3 +1299,36 @@ impl Backoff {
         low + Duration::from_millis(jitter)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Pace;
+
+    #[test]
+    fn pace_halves_after_timeouts_and_charges_only_a_lone_head_that_times_out_again() {
+        let mut pace = Pace::new(8);
+        assert_eq!(pace.limit(), 8);
+        assert!(!pace.timed_out(Some(1)));
+        assert_eq!(pace.limit(), 4);
+        assert!(!pace.timed_out(Some(1)));
+        assert!(!pace.timed_out(Some(1)));
+        assert_eq!(pace.limit(), 1, "down to one event");
+        assert!(!pace.timed_out(Some(1)), "first lone timeout of this head");
+        assert!(pace.timed_out(Some(1)), "the same head again: charge it");
+        assert!(!pace.timed_out(Some(2)), "another head starts over");
+        pace.published(1, 1);
+        assert_eq!(pace.limit(), 2, "success doubles");
+        pace.published(2, 2);
+        pace.published(4, 4);
+        pace.published(8, 8);
+        assert_eq!(pace.limit(), 8, "up to batch_size");
+        pace.published(3, 8);
+        assert_eq!(pace.limit(), 3, "what fitted in one pipeline");
+        assert!(!pace.timed_out(Some(5)));
+        pace.published(1, 1);
+        assert!(
+            !pace.timed_out(Some(5)),
+            "a success in between resets the head"
+        );
+    }
+}

@@ -490,3 +490,44 @@ async fn durable_subscriptions_flow_while_redis_is_down_exactly_once() {
     .await;
     assert_eq!(out_of_order, 0, "tasks in key order");
 }
+
+// Issue 14.1: batches bounded by bytes. With relay.batch_bytes far below a
+// batch of events, every event still goes (an event larger than the bound
+// alone), once and in key order.
+#[tokio::test(flavor = "multi_thread")]
+async fn batches_bounded_by_bytes_deliver_everything_in_order() {
+    let db = TestDb::with(|c| {
+        c.relay.batch_bytes = 300;
+        c.relay.batch_size = 100;
+    })
+    .await;
+    let mut collector = db.collector().await;
+    let client = db.client().await;
+    // One event above the bound on its own.
+    client
+        .query_one(
+            "SELECT herald.publish('test.big', jsonb_build_object('seq', -1, 'pad', repeat('x', 2000)), 'big')",
+            &[],
+        )
+        .await
+        .unwrap();
+    common::insert_events(&db.config, 5, 20).await;
+    let relay = db.relay();
+    let all = collector.distinct(101, Duration::from_secs(20)).await;
+    collector.drain_for(Duration::from_millis(300)).await;
+    let batches = relay
+        .stats
+        .batches
+        .load(std::sync::atomic::Ordering::Relaxed);
+    relay.stop().await;
+    eprintln!(
+        "bytes-bounded: {} of 101 arrived, {} receipts, {batches} batches",
+        collector.distinct_ids(),
+        collector.events.len()
+    );
+    assert!(all);
+    assert_eq!(duplicates(&collector), 0);
+    collector.events.retain(|e| e.topic != "test.big");
+    common::assert_per_key_order(&collector, 5, 20);
+    assert_eq!(db.count("SELECT count(*) FROM herald.outbox").await, 0);
+}
