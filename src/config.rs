@@ -85,6 +85,10 @@ pub struct RedisConfig {
 pub struct RelayConfig {
     /// Most events claimed and published in one transaction.
     pub batch_size: usize,
+    /// Most bytes of envelopes in one pipelined PUBLISH round trip; a batch
+    /// holding more goes out in several, and the next claims take fewer
+    /// events. An event larger than this still goes, alone.
+    pub batch_bytes: usize,
     /// Batches a relay process drains at the same time (each on its own
     /// partitions).
     pub concurrency: usize,
@@ -323,6 +327,7 @@ impl Default for RelayConfig {
     fn default() -> Self {
         RelayConfig {
             batch_size: 1000,
+            batch_bytes: 4 * 1024 * 1024,
             concurrency: 2,
             partitions_per_batch: 4,
             poll_interval: Duration::from_secs(5),
@@ -514,6 +519,7 @@ impl Config {
             ("redis.pool_size", self.redis.pool_size),
             ("redis.subscriber_buffer", self.redis.subscriber_buffer),
             ("relay.batch_size", self.relay.batch_size),
+            ("relay.batch_bytes", self.relay.batch_bytes),
             ("relay.concurrency", self.relay.concurrency),
             (
                 "relay.partitions_per_batch",

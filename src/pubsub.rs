@@ -1,10 +1,11 @@
 //! Redis pub/sub: the bounded connection pool the relay publishes through,
-//! one pipelined PUBLISH round trip per batch, and the `Subscriber` that Rust
+//! one pipelined PUBLISH round trip per batch (bounded in bytes), and the `Subscriber` that Rust
 //! consumers (and `herald tail`) read envelopes from, reconnecting by itself.
 //!
 //! Redis here is only a fan-out medium: this module must never be the only
-//! holder of an event. Publishing succeeds or fails as a whole and the caller
-//! (the relay) keeps the rows until it succeeded.
+//! holder of an event. Publishing reports what Redis did with each message
+//! (accepted, refused on its own, or not known to have run) and the caller
+//! (the relay) keeps every row Redis did not accept.
 
 use std::time::Duration;
 
@@ -17,20 +18,24 @@ use crate::error::{Context, Error, Result};
 use crate::outbox::Envelope;
 
 /// A bounded pool of multiplexed Redis connections (`redis.pool_size`).
+///
+/// Every connection carries Herald's `redis.connect_timeout` and
+/// `redis.response_timeout`: left to the redis crate, a connection gives up
+/// on a reply after its own 500 ms, so a slow Redis failed every batch after
+/// running it, and the relay published the batch again and again.
 pub fn redis_pool(config: &Config) -> Result<deadpool_redis::Pool> {
-    // Parse first so that a bad URL is reported as such, not as a failed
-    // connection at the first publish.
-    redis::Client::open(config.redis_url.as_str()).map_err(|e| Error::Url {
+    let bad_url = |e: &dyn std::fmt::Display| Error::Url {
         setting: "redis_url (REDIS_URL)",
         reason: format!("{e}: {}", mask_url(&config.redis_url)),
-    })?;
-    let pool_config = deadpool_redis::Config::from_url(config.redis_url.clone());
-    pool_config
-        .builder()
-        .map_err(|e| Error::Url {
-            setting: "redis_url (REDIS_URL)",
-            reason: format!("{e}: {}", mask_url(&config.redis_url)),
-        })?
+    };
+    let connection = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(config.redis.connect_timeout))
+        .set_response_timeout(Some(config.redis.response_timeout));
+    // Parsing here reports a bad URL as such, not as a failed connection at
+    // the first publish.
+    let manager = deadpool_redis::Manager::new_with_config(config.redis_url.as_str(), connection)
+        .map_err(|e| bad_url(&e))?;
+    deadpool_redis::Pool::builder(manager)
         .max_size(config.redis.pool_size)
         .wait_timeout(Some(config.redis.connect_timeout))
         .create_timeout(Some(config.redis.connect_timeout))
@@ -41,7 +46,9 @@ pub fn redis_pool(config: &Config) -> Result<deadpool_redis::Pool> {
 }
 
 /// PUBLISH every `(channel, message)` in order, in one pipelined round trip.
-/// Returns the total number of subscribers that received them.
+/// Returns the total number of subscribers that received them. All or
+/// nothing: any refused message fails the call (see [`publish_each`] for
+/// per-message outcomes).
 pub async fn publish_all(
     pool: &deadpool_redis::Pool,
     messages: &[(String, String)],
@@ -65,6 +72,172 @@ pub async fn publish_all(
         })?
         .context(format!("publishing {} messages", messages.len()))?;
     Ok(receivers.iter().sum())
+}
+
+/// What Redis did with one message of [`publish_each`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sent {
+    /// Redis ran the PUBLISH.
+    Accepted,
+    /// Redis refused this PUBLISH for this message alone (for example an
+    /// ACL that denies its channel); the reason as Redis gave it.
+    Refused(String),
+    /// Not known to have run: its pipeline failed as a whole, was never
+    /// sent, or Redis refused it for a reason that concerns every message
+    /// (authentication, the PUBLISH command denied, loading).
+    Unsent,
+}
+
+/// The outcome of [`publish_each`]: one [`Sent`] per message, in order.
+#[derive(Debug)]
+pub struct Publication {
+    pub sent: Vec<Sent>,
+    /// Why the [`Sent::Unsent`] messages were not sent: Redis unreachable,
+    /// too slow, or refusing every message. None when every message was
+    /// accepted or refused on its own.
+    pub outage: Option<Error>,
+    /// The outage is a timeout (no reply within `redis.response_timeout`).
+    pub timed_out: bool,
+    /// Messages the first pipeline held (the rest went in later ones).
+    pub first_pipeline: usize,
+}
+
+impl Publication {
+    pub fn all_accepted(&self) -> bool {
+        self.sent.iter().all(|s| *s == Sent::Accepted)
+    }
+}
+
+/// PUBLISH every `(channel, message)` in order, in pipelines of at most
+/// `max_bytes` each (a larger message goes alone), one after the other, and
+/// report what Redis did with each. A pipeline that fails as a whole leaves
+/// it and every later message [`Sent::Unsent`], and so does reaching
+/// `last_start` before a pipeline (which bounds how long the caller waits).
+pub async fn publish_each(
+    pool: &deadpool_redis::Pool,
+    messages: &[(String, String)],
+    timeout: Duration,
+    max_bytes: usize,
+    last_start: std::time::Instant,
+) -> Publication {
+    let mut out = Publication {
+        sent: Vec::with_capacity(messages.len()),
+        outage: None,
+        timed_out: false,
+        first_pipeline: 0,
+    };
+    if messages.is_empty() {
+        return out;
+    }
+    let mut conn = match pool.get().await {
+        Ok(conn) => conn,
+        Err(error) => {
+            out.outage = Some(error.into());
+            out.sent.resize(messages.len(), Sent::Unsent);
+            return out;
+        }
+    };
+    let mut start = 0;
+    while start < messages.len() && out.outage.is_none() {
+        if start > 0 && std::time::Instant::now() >= last_start {
+            break;
+        }
+        let mut end = start;
+        let mut bytes = 0usize;
+        while end < messages.len() {
+            let size = messages[end].0.len() + messages[end].1.len();
+            if end > start && bytes + size > max_bytes {
+                break;
+            }
+            bytes += size;
+            end += 1;
+        }
+        if start == 0 {
+            out.first_pipeline = end;
+        }
+        match publish_pipeline(&mut conn, &messages[start..end], timeout).await {
+            Ok(results) => {
+                for result in results {
+                    match result {
+                        Ok(_) => out.sent.push(Sent::Accepted),
+                        Err(error) if refuses_everything(&error) => {
+                            out.sent.push(Sent::Unsent);
+                            if out.outage.is_none() {
+                                out.outage = Some(Error::Redis {
+                                    context: "Redis refuses PUBLISH itself (authentication or ACL)"
+                                        .into(),
+                                    error,
+                                });
+                            }
+                        }
+                        Err(error) => out
+                            .sent
+                            .push(Sent::Refused(format!("redis: PUBLISH refused: {error}"))),
+                    }
+                }
+            }
+            Err(error) => {
+                out.timed_out = matches!(&error, Error::Timeout(..))
+                    || matches!(&error, Error::Redis { error, .. } if error.is_timeout());
+                out.outage = Some(error);
+                break;
+            }
+        }
+        start = end;
+    }
+    out.sent.resize(messages.len(), Sent::Unsent);
+    out
+}
+
+/// One pipeline with per-command results.
+async fn publish_pipeline(
+    conn: &mut deadpool_redis::Connection,
+    messages: &[(String, String)],
+    timeout: Duration,
+) -> Result<Vec<redis::RedisResult<i64>>> {
+    let mut pipe = redis::pipe();
+    pipe.ignore_errors();
+    for (channel, message) in messages {
+        pipe.publish(channel, message);
+    }
+    let results: Vec<redis::RedisResult<i64>> =
+        tokio::time::timeout(timeout, pipe.query_async(&mut **conn))
+            .await
+            .map_err(|_| {
+                Error::Timeout(
+                    timeout,
+                    format!("publishing {} messages to Redis", messages.len()),
+                )
+            })?
+            .context(format!("publishing {} messages", messages.len()))?;
+    if results.len() != messages.len() {
+        return Err(Error::Other(format!(
+            "redis: {} replies to a pipeline of {} PUBLISH",
+            results.len(),
+            messages.len()
+        )));
+    }
+    Ok(results)
+}
+
+/// Whether a PUBLISH's error concerns Redis or this client rather than the
+/// message: not authenticated, wrong password, the PUBLISH command itself
+/// denied by an ACL, or a server not ready. Such errors are outages, never
+/// charged to events; a NOPERM for a channel concerns that channel's
+/// messages only.
+pub fn refuses_everything(error: &redis::RedisError) -> bool {
+    match error.code() {
+        Some(
+            "NOAUTH" | "WRONGPASS" | "LOADING" | "BUSY" | "MASTERDOWN" | "CLUSTERDOWN" | "TRYAGAIN",
+        ) => true,
+        Some("NOPERM") => !error
+            .detail()
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+            .contains("channel"),
+        Some(_) => false,
+        None => true,
+    }
 }
 
 /// What a [`Subscriber`] yields.

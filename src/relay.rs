@@ -6,11 +6,15 @@
 //! events that never get through, and expiry of the archive. In the claim's
 //! transaction it also checks events against the catalog (events that fail
 //! go to the dead letters, undelivered) and inserts one task per matching
-//! durable subscription.
+//! durable subscription; while Redis does not take the events it inserts
+//! those tasks in transactions of their own and marks the rows
+//! (`fanned_out`), so each event's tasks are inserted exactly once.
 //!
-//! It must never commit a claim before Redis acknowledged the publish (that
-//! would lose events), and never let two transactions drain one partition at
-//! the same time (that would reorder a key), and never sleep without either
+//! It must never remove an event from the outbox before Redis acknowledged
+//! its PUBLISH (that would lose events), never publish an event while an
+//! earlier one of its partition waits out a backoff, and never let two
+//! transactions drain one partition at the same time (either would reorder
+//! a key), and never sleep without either
 //! holding the wake lock or knowing another relay holds it (that would leave
 //! an event waiting for `poll_interval`). NOTIFY is only a wake-up: every
 //! decision is taken from the table.
@@ -66,7 +70,7 @@ const ARCHIVE_MAINTENANCE_EVERY: Duration = Duration::from_secs(600);
 // as a hash join over a sequential scan of the outbox, 28 ms of a
 // 1,000-event claim with 200,000 waiting (6 ms now; EXPLAIN ANALYZE).
 //
-// The claim runs on a generic plan (BEGIN_CLAIM), planned once per
+// The claim runs on a generic plan (begin_claim), planned once per
 // connection and again when the outbox's statistics change: planning it
 // afresh was 0.2 ms of an empty claim's 0.3 ms, on every claim. A generic
 // plan cannot look at the parameters, so the statement is written to leave
@@ -80,6 +84,18 @@ const ARCHIVE_MAINTENANCE_EVERY: Duration = Duration::from_secs(600);
 //   only rows that will be deleted are locked;
 // - herald.settings is read with LIMIT 1, so a never-analyzed settings
 //   table is not estimated at 1,810 rows.
+//
+// A partition is taken only when its oldest row is due: an event Redis
+// refused waits out its backoff in `available_at` and holds back everything
+// after it in its partition, so no later event of its key passes it. Due
+// means `available_at <= clock_timestamp()`, read after the statement's
+// snapshot: a producer's `available_at` (its transaction's start) is before
+// its commit, so every row the claim can see is due unless the relay held
+// it back; `now()`, the claim transaction's start, could call a
+// just-committed row not due. Only the head needs the test: the relay holds
+// back only rows with nothing but held rows before them in their partition
+// (see `Settle`), so behind a due head every row may go (a held row behind
+// it merely goes before its own backoff ends, still in order).
 const CLAIM: &str = "
 WITH owned AS MATERIALIZED (
     SELECT s.p
@@ -87,9 +103,11 @@ WITH owned AS MATERIALIZED (
          LATERAL (SELECT ((g + $3) % st.partitions)::smallint AS p
                   FROM generate_series(0, st.partitions - 1) AS g) AS s,
          LATERAL (SELECT pg_try_advisory_xact_lock($4, s.p) AS got
-                  FROM herald.outbox o
-                  WHERE o.partition = s.p AND o.available_at <= now()
-                  LIMIT 1) AS due
+                  FROM (SELECT o.available_at FROM herald.outbox o
+                        WHERE o.partition >= s.p AND o.partition <= s.p
+                        ORDER BY o.partition, o.id
+                        LIMIT 1) AS head
+                  WHERE head.available_at <= clock_timestamp()) AS due
     WHERE due.got AND current_setting('herald.relay_fan_out', true) = 'on'
     LIMIT $5
 ), claimed AS (
@@ -101,13 +119,12 @@ WITH owned AS MATERIALIZED (
             FROM owned,
                  LATERAL (SELECT id FROM herald.outbox
                           WHERE partition >= owned.p AND partition <= owned.p
-                            AND available_at <= now()
                           ORDER BY partition, id
                           LIMIT $1) AS c
             ORDER BY c.id
             LIMIT $1))
         FOR UPDATE SKIP LOCKED))
-    RETURNING id, event_id, topic, key, partition, payload, headers, created_at, attempts
+    RETURNING id, event_id, topic, key, partition, payload, headers, created_at, attempts, fanned_out
 ), archived AS (
     INSERT INTO herald.outbox_archive (id, event_id, topic, key, partition, payload, headers, created_at, attempts)
     SELECT id, event_id, topic, key, partition, payload, headers, created_at, attempts
@@ -115,7 +132,8 @@ WITH owned AS MATERIALIZED (
 ), fanned AS (
     -- When $6 (no catalog check can refuse an event of this batch), the
     -- durable subscriptions' tasks are inserted here, in the same statement:
-    -- no second round trip, no second parse of the envelopes.
+    -- no second round trip, no second parse of the envelopes. Events
+    -- fanned out while Redis was down (fanned_out) already have theirs.
     INSERT INTO herald.tasks (queue, kind, payload, headers, max_attempts, timeout)
     SELECT s.queue, s.kind,
            jsonb_build_object('id', c.event_id, 'topic', c.topic, 'key', c.key,
@@ -129,14 +147,15 @@ WITH owned AS MATERIALIZED (
            s.max_attempts, s.timeout
     FROM claimed c
     JOIN herald.subscriptions s ON s.enabled AND c.topic LIKE s.topic_like
-    WHERE $6
+    WHERE $6 AND NOT c.fanned_out
     ORDER BY c.id, s.name
     RETURNING 1
 )
 SELECT id, topic, partition,
        json_build_object('id', event_id, 'topic', topic, 'key', key, 'payload', payload,
                          'headers', headers, 'created_at', created_at)::text,
-       (SELECT count(*) FROM fanned) AS fanned_out
+       (SELECT count(*) FROM fanned) AS fanned_out,
+       fanned_out AS was_fanned_out
 FROM claimed
 ORDER BY id";
 
@@ -157,17 +176,114 @@ ORDER BY id";
 // requires herald.relay_fan_out, which a SET LOCAL outside a transaction
 // block does not leave set: it claims nothing rather than deleting events
 // with no transaction left to roll back.
-const BEGIN_CLAIM: &str = concat!(
-    "BEGIN; SET LOCAL herald.relay_fan_out = on; SET LOCAL synchronous_commit = off; ",
-    crate::db::plan_on_indexes!()
-);
+//
+// The server bounds the transaction (claim_hold): a relay that stops while
+// it holds partitions (SIGSTOP, a hung host, a partition from Postgres) is
+// disconnected after `idle_in_transaction_session_timeout`, or when its
+// unacknowledged data times out (`tcp_user_timeout`), so its partitions
+// pass to another relay. Both are longer than the longest publish the relay
+// waits for, and SET LOCAL, so no other user of the pool inherits them.
+fn begin_claim(hold: Duration) -> String {
+    format!(
+        "BEGIN; SET LOCAL herald.relay_fan_out = on; SET LOCAL synchronous_commit = off; \
+         SET LOCAL idle_in_transaction_session_timeout = {ms}; SET LOCAL tcp_user_timeout = {ms}; {}",
+        crate::db::plan_on_indexes!(),
+        ms = hold.as_millis()
+    )
+}
 
-// Record a failed publish on the rows. $3 says whether it counts as an
-// attempt: only when Redis answered and refused, never for an outage.
+/// How long a claim transaction may legitimately sit idle while its batch is
+/// published: a Redis connection from the pool (waiting for one, then
+/// creating it: twice `redis.connect_timeout`), the pipelines that start
+/// within one `redis.response_timeout` of that (`publish_each` starts none
+/// later), each up to `redis.response_timeout`, and a second of margin. A
+/// stopped relay's partitions pass to another relay after this and at most
+/// that relay's `relay.poll_interval`.
+pub fn claim_hold(config: &Config) -> Duration {
+    config.redis.connect_timeout * 2 + config.redis.response_timeout * 2 + Duration::from_secs(1)
+}
+
+// Record an outage on rows Redis did not run: never an attempt, and they
+// stay due (the relay backs off as a whole).
 const RECORD_FAILURE: &str = "
-UPDATE herald.outbox
-SET attempts = attempts + CASE WHEN $3 THEN 1 ELSE 0 END, last_error = $2
-WHERE id = ANY($1)";
+UPDATE herald.outbox SET last_error = $2 WHERE id = ANY($1)";
+
+// Record Redis's refusal of each of these rows: an attempt, the reason, and
+// a backoff ($3 ms doubling per attempt up to $4 ms) in available_at, which
+// holds back the rest of the row's partition (see CLAIM).
+const RECORD_REFUSED: &str = "
+UPDATE herald.outbox o
+SET attempts = o.attempts + 1, last_error = r.error,
+    available_at = clock_timestamp()
+        + least($4::float8, $3::float8 * power(2, least(o.attempts, 30))) * interval '1 millisecond'
+FROM unnest($1::bigint[], $2::text[]) AS r(id, error)
+WHERE o.id = r.id";
+
+// Rows Redis accepted in a batch that could not commit as a whole: removed,
+// archived when $2, and fanned out to durable subscriptions, as CLAIM does
+// (the claim's own fan-out was rolled back with it).
+const SETTLE_PUBLISHED: &str = "
+WITH gone AS (
+    DELETE FROM herald.outbox WHERE id = ANY($1)
+    RETURNING id, event_id, topic, key, partition, payload, headers, created_at, attempts, fanned_out
+), archived AS (
+    INSERT INTO herald.outbox_archive (id, event_id, topic, key, partition, payload, headers, created_at, attempts)
+    SELECT id, event_id, topic, key, partition, payload, headers, created_at, attempts
+    FROM gone WHERE $2
+)
+INSERT INTO herald.tasks (queue, kind, payload, headers, max_attempts, timeout)
+SELECT s.queue, s.kind,
+       jsonb_build_object('id', c.event_id, 'topic', c.topic, 'key', c.key,
+                          'payload', c.payload, 'headers', c.headers,
+                          'created_at', c.created_at),
+       jsonb_build_object('herald_subscription', s.name, 'herald_event_id', c.event_id::text,
+                          'herald_topic', c.topic)
+         || CASE WHEN c.headers ? 'traceparent'
+                 THEN jsonb_build_object('traceparent', c.headers->'traceparent')
+                 ELSE '{}'::jsonb END,
+       s.max_attempts, s.timeout
+FROM gone c
+JOIN herald.subscriptions s ON s.enabled AND c.topic LIKE s.topic_like
+WHERE NOT c.fanned_out
+ORDER BY c.id, s.name";
+
+// Mark rows as fanned out (sql/V9__outbox_fanned_out.sql); returns those
+// that were not yet, whose tasks the caller then inserts in the same
+// transaction (FAN_OUT), under their partitions' locks.
+const MARK_FANNED_OUT: &str = "
+UPDATE herald.outbox SET fanned_out = true
+WHERE id = ANY($1) AND NOT fanned_out
+  AND EXISTS (SELECT 1 FROM herald.subscriptions WHERE enabled)
+RETURNING id";
+
+// While Redis is down: take up to $3 partitions whose lock is free (from
+// $2 on) and return their oldest $1 rows not yet fanned out, when any
+// durable subscription is enabled. The caller checks them against the
+// catalog, fans out the valid ones and marks them all, then commits.
+const UNFANNED: &str = "
+WITH owned AS MATERIALIZED (
+    SELECT s.p
+    FROM (SELECT partitions FROM herald.settings LIMIT 1) AS st,
+         LATERAL (SELECT ((g + $2) % st.partitions)::smallint AS p
+                  FROM generate_series(0, st.partitions - 1) AS g) AS s,
+         LATERAL (SELECT pg_try_advisory_xact_lock($4, s.p) AS got
+                  FROM herald.outbox o
+                  WHERE o.partition >= s.p AND o.partition <= s.p AND NOT o.fanned_out
+                  LIMIT 1) AS due
+    WHERE due.got AND EXISTS (SELECT 1 FROM herald.subscriptions WHERE enabled)
+    LIMIT $3
+)
+SELECT c.id, c.topic,
+       json_build_object('id', c.event_id, 'topic', c.topic, 'key', c.key, 'payload', c.payload,
+                         'headers', c.headers, 'created_at', c.created_at)::text
+FROM owned,
+     LATERAL (SELECT id, event_id, topic, key, payload, headers, created_at
+              FROM herald.outbox
+              WHERE partition >= owned.p AND partition <= owned.p AND NOT fanned_out
+              ORDER BY partition, id
+              LIMIT $1) AS c
+ORDER BY c.id
+LIMIT $1";
 
 // Wait for (not try) the partitions' transaction locks, in a fixed order.
 const LOCK_PARTITIONS: &str = "
@@ -217,7 +333,7 @@ FROM (SELECT topic, env::jsonb AS env, ord
 JOIN herald.subscriptions s ON s.enabled AND e.topic LIKE s.topic_like
 ORDER BY e.ord, s.name";
 
-/// The claim's transaction, begun by BEGIN_CLAIM pipelined with the claim
+/// The claim's transaction, begun by begin_claim pipelined with the claim
 /// itself (tokio-postgres' `Transaction` waits for its BEGIN first). Like
 /// `Transaction`, it rolls back when dropped unfinished, here on a task of
 /// its own that then returns the connection to the pool, or closes it if the
@@ -276,8 +392,16 @@ pub struct RelayStats {
     pub failed_batches: AtomicU64,
     pub dead_lettered: AtomicU64,
     pub listen_connects: AtomicU64,
-    /// Whether the LISTEN connection is up now (`/readyz`).
+    /// Whether the LISTEN connection is up now and every drain worker and
+    /// the listener still run (`/readyz`): cleared for good when one of
+    /// them died.
     pub listening: std::sync::atomic::AtomicBool,
+    /// A drain worker or the listener died (panicked); the relay is no
+    /// longer ready however well the rest runs.
+    pub failed: std::sync::atomic::AtomicBool,
+    /// Fault injection for tests: the next drain worker to look panics.
+    #[doc(hidden)]
+    pub inject_panic: std::sync::atomic::AtomicBool,
     /// Events refused by the catalog (schema or strict mode).
     pub invalid: AtomicU64,
     /// Tasks inserted for durable subscriptions.
@@ -325,7 +449,7 @@ impl Relay {
         let (wake_tx, wake_rx) = watch::channel(0u64);
         let wake_tx = Arc::new(wake_tx);
         let idle = Arc::new(crate::wake::Idle::new(self.config.relay.concurrency));
-        let listener = tokio::spawn(listen(
+        let listener_task = tokio::spawn(listen(
             self.config.clone(),
             wake_tx.clone(),
             idle.clone(),
@@ -339,22 +463,30 @@ impl Relay {
             stats: self.stats.clone(),
             catalog,
             redis_down: Default::default(),
+            begin_claim: begin_claim(claim_hold(&self.config)),
             vacuum: crate::vacuum::Vacuum::new(
                 "herald.outbox",
                 self.config.relay.vacuum_after,
                 self.pool.clone(),
             ),
         });
+        let listener_abort = listener_task.abort_handle();
+        let listener = tokio::spawn(watch_task("listener", listener_task, self.stats.clone()));
         // Create today's archive partition before the first claim, so
         // archived rows never start out in the default partition.
         shared.maintain_archive().await;
         let mut workers = Vec::new();
         for n in 0..self.config.relay.concurrency {
-            workers.push(tokio::spawn(shared.clone().work(
+            let worker = tokio::spawn(shared.clone().work(
                 n,
                 wake_rx.clone(),
                 idle.clone(),
                 shutdown.clone(),
+            ));
+            workers.push(tokio::spawn(watch_task(
+                "drain worker",
+                worker,
+                self.stats.clone(),
             )));
         }
         tracing::info!(
@@ -367,13 +499,25 @@ impl Relay {
                 tracing::error!(error = %e, "relay worker panicked");
             }
         }
-        listener.abort();
+        listener_abort.abort();
         let _ = listener.await;
         tracing::info!(
             published = self.stats.published.load(Ordering::Relaxed),
             "relay stopped"
         );
         Ok(())
+    }
+}
+
+/// Wait for one of the relay's tasks; if it panicked, the relay is no
+/// longer ready (`RelayStats::failed`, and `listening` cleared for good).
+async fn watch_task(what: &'static str, task: tokio::task::JoinHandle<()>, stats: Arc<RelayStats>) {
+    if let Err(error) = task.await {
+        if error.is_panic() {
+            stats.failed.store(true, Ordering::SeqCst);
+            stats.listening.store(false, Ordering::SeqCst);
+            tracing::error!(task = what, %error, "relay task panicked; the relay reports itself not ready");
+        }
     }
 }
 
@@ -462,6 +606,11 @@ async fn listen_once(
         crate::telemetry::reconnected("postgres", "relay");
     }
     stats.listening.store(true, Ordering::Relaxed);
+    // A task that died meanwhile keeps the relay unready (watch_task sets
+    // `failed` before clearing `listening`).
+    if stats.failed.load(Ordering::SeqCst) {
+        stats.listening.store(false, Ordering::SeqCst);
+    }
     tracing::debug!("relay listening on {CHANNEL}");
     // Sweep right after LISTEN took effect: anything committed before is
     // found by the sweep, anything after sends a notification or is found
@@ -491,6 +640,8 @@ struct Drainer {
     redis_down: std::sync::atomic::AtomicBool,
     /// Events removed since this relay last vacuumed the outbox.
     vacuum: crate::vacuum::Vacuum,
+    /// BEGIN and the claim transaction's settings (see [`begin_claim`]).
+    begin_claim: String,
 }
 
 impl Drainer {
@@ -503,6 +654,7 @@ impl Drainer {
     ) {
         let relay = &self.config.relay;
         let mut backoff = Backoff::new(relay.backoff_min, relay.backoff_max);
+        let mut pace = Pace::new(relay.batch_size);
         // Each worker starts at another partition so that they spread out.
         let mut offset: i32 = (n as i32) * 7919;
         let mut next_maintenance = Instant::now() + ARCHIVE_MAINTENANCE_EVERY;
@@ -515,8 +667,11 @@ impl Drainer {
             // Drain until nothing is left for us, or until asked to stop.
             let mut failed = false;
             while !shutdown.is_cancelled() {
+                if self.stats.inject_panic.swap(false, Ordering::Relaxed) {
+                    panic!("relay drain worker {n}: panic injected by a test");
+                }
                 offset = offset.wrapping_add(1) & 0x3fff_ffff;
-                match self.claim_and_publish(offset).await {
+                match self.claim_and_publish(offset, &mut pace).await {
                     // Nothing due in any partition this worker could take.
                     Ok(0) => break,
                     Ok(_) => backoff.reset(),
@@ -526,6 +681,21 @@ impl Drainer {
                         tracing::warn!(event = event::RELAY_BATCH_FAILED, %error, "relay batch failed; backing off");
                         failed = true;
                         break;
+                    }
+                }
+            }
+            if failed && self.redis_down.load(Ordering::Relaxed) {
+                // Webhooks and task subscribers need only Postgres: fan the
+                // waiting events out now, once each (herald.outbox.fanned_out).
+                while !shutdown.is_cancelled() {
+                    offset = offset.wrapping_add(1) & 0x3fff_ffff;
+                    match self.fan_out_waiting(offset, relay.batch_size).await {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(error) => {
+                            tracing::warn!(%error, "fan-out while Redis is down failed");
+                            break;
+                        }
                     }
                 }
             }
@@ -552,7 +722,7 @@ impl Drainer {
     }
 
     /// Claim, publish and commit one batch; returns how many events it held.
-    async fn claim_and_publish(&self, offset: i32) -> Result<usize> {
+    async fn claim_and_publish(&self, offset: i32, pace: &mut Pace) -> Result<usize> {
         let relay = &self.config.relay;
         let client = self.pool.get().await?;
         let claim = client
@@ -563,11 +733,11 @@ impl Drainer {
         let claim_started = Instant::now();
         // With nothing to check, the claim fans out to subscriptions itself.
         let checks = self.catalog.checks_anything();
-        // BEGIN_CLAIM goes in the same round trip as the claim
+        // begin_claim goes in the same round trip as the claim
         // (tokio-postgres pipelines them in order): a round trip less on
         // every event's way to Redis, and on every empty sweep.
         let (batch_size, retain, per_batch, fan_out_here) = (
-            relay.batch_size as i64,
+            pace.limit() as i64,
             relay.retain_published.is_some(),
             relay.partitions_per_batch as i64,
             !checks,
@@ -580,7 +750,10 @@ impl Drainer {
             &per_batch,
             &fan_out_here,
         ];
-        let (quiet, rows) = tokio::join!(tx.batch_execute(BEGIN_CLAIM), tx.query(&claim, &params));
+        let (quiet, rows) = tokio::join!(
+            tx.batch_execute(&self.begin_claim),
+            tx.query(&claim, &params)
+        );
         quiet.context("setting up the claim transaction")?;
         let rows = rows.context("claiming a batch from herald.outbox")?;
         if rows.is_empty() {
@@ -626,6 +799,7 @@ impl Drainer {
         let mut topics = Vec::with_capacity(rows.len());
         let mut envelopes = Vec::with_capacity(rows.len());
         let mut invalid: (Vec<i64>, Vec<String>, Vec<String>) = Default::default();
+        let mut unfanned = Vec::with_capacity(rows.len());
         for row in &rows {
             let id = row.get::<_, i64>(0);
             let topic: &str = row.get(1);
@@ -640,9 +814,11 @@ impl Drainer {
             }
             ids.push(id);
             partitions.push(row.get::<_, i16>(2));
+            let was_fanned_out = row.get::<_, bool>(5);
+            unfanned.push(!was_fanned_out);
             // Only batches the catalog checks fan out separately and need
             // their own copy; the usual path moves the envelope.
-            if checks {
+            if checks && !was_fanned_out {
                 topics.push(topic.to_string());
                 envelopes.push(envelope.clone());
             }
@@ -665,7 +841,7 @@ impl Drainer {
         }
         let tasks = if !checks {
             rows[0].get::<_, i64>(4) as u64
-        } else if !messages.is_empty() {
+        } else if !topics.is_empty() {
             let fan_out = tx
                 .prepare_cached(FAN_OUT)
                 .await
@@ -686,45 +862,214 @@ impl Drainer {
                 .await
                 .context("notifying workers of fanned-out tasks")?;
         }
-        let published =
-            crate::pubsub::publish_all(&self.redis, &messages, self.config.redis.response_timeout)
-                .await;
-        match published {
-            Ok(_) => {
-                if self.redis_down.swap(false, Ordering::Relaxed) {
-                    crate::telemetry::reconnected("redis", "relay");
-                }
-                tx.commit().await.context("committing a published batch")?;
-                self.vacuum.removed(rows.len() as u64);
-                self.stats
-                    .published
-                    .fetch_add(messages.len() as u64, Ordering::Relaxed);
-                self.stats.batches.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!(metric::RELAY_PUBLISHED).increment(messages.len() as u64);
-                span.record("herald.relay.published", messages.len() as i64);
-                tracing::debug!(parent: &span, event = event::RELAY_BATCH_PUBLISHED,
-                    events = messages.len() as i64, "relay batch published");
-                tracing::debug!(parent: &span, event = event::RELAY_PARTITION_RELEASED,
-                    partitions = held.as_str(), outcome = "committed", "relay partitions released");
-                Ok(rows.len())
+        // No pipeline starts later than this, so the claim transaction
+        // stays well inside claim_hold.
+        let last_start = claim_started
+            + self.config.redis.connect_timeout * 2
+            + self.config.redis.response_timeout;
+        let publication = crate::pubsub::publish_each(
+            &self.redis,
+            &messages,
+            self.config.redis.response_timeout,
+            relay.batch_bytes,
+            last_start,
+        )
+        .await;
+        if publication.all_accepted() {
+            if self.redis_down.swap(false, Ordering::Relaxed) {
+                crate::telemetry::reconnected("redis", "relay");
             }
-            Err(error) => {
-                // The rows come back on rollback; note the failure on them
-                // and retire the ones that have failed too often.
-                tx.rollback().await.context("rolling back a failed batch")?;
-                span.record("otel.status_code", "ERROR");
-                tracing::debug!(parent: &span, event = event::RELAY_PARTITION_RELEASED,
-                    partitions = held.as_str(), outcome = "rolled back", "relay partitions released");
-                let counts = !is_outage(&error);
-                if !counts && !self.redis_down.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(parent: &span, event = event::REDIS_CONNECTION_LOST,
-                        component = "relay", %error, "Redis unreachable; the relay holds events back");
+            tx.commit().await.context("committing a published batch")?;
+            pace.published(publication.first_pipeline, messages.len());
+            self.vacuum.removed(rows.len() as u64);
+            self.stats
+                .published
+                .fetch_add(messages.len() as u64, Ordering::Relaxed);
+            self.stats.batches.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(metric::RELAY_PUBLISHED).increment(messages.len() as u64);
+            span.record("herald.relay.published", messages.len() as i64);
+            tracing::debug!(parent: &span, event = event::RELAY_BATCH_PUBLISHED,
+                events = messages.len() as i64, "relay batch published");
+            tracing::debug!(parent: &span, event = event::RELAY_PARTITION_RELEASED,
+                partitions = held.as_str(), outcome = "committed", "relay partitions released");
+            return Ok(rows.len());
+        }
+        // Not all accepted: roll the claim back (its fan-out and its
+        // dead-lettered invalid events with it; the catalog checks them
+        // again), then settle each row by what Redis did with it.
+        tx.rollback().await.context("rolling back a failed batch")?;
+        span.record("otel.status_code", "ERROR");
+        tracing::debug!(parent: &span, event = event::RELAY_PARTITION_RELEASED,
+            partitions = held.as_str(), outcome = "rolled back", "relay partitions released");
+        let mut settle = Settle::default();
+        let prefix = self.config.channel_prefix.len();
+        // Partitions with an event Redis did not run: a refusal behind one
+        // is not held back (that would leave a due row before a held one,
+        // which CLAIM's head test does not look past); it waits uncharged.
+        let mut unsent_in: std::collections::HashSet<i16> = Default::default();
+        for (i, ((id, sent), partition)) in ids
+            .iter()
+            .zip(&publication.sent)
+            .zip(&partitions)
+            .enumerate()
+        {
+            match sent {
+                crate::pubsub::Sent::Accepted => settle.accepted.push(*id),
+                crate::pubsub::Sent::Refused(reason) if !unsent_in.contains(partition) => {
+                    settle.refused.push(*id);
+                    settle.reasons.push(reason.clone());
                 }
-                self.record_failure(&ids, &partitions, &error.to_string(), counts)
-                    .await?;
-                Err(error)
+                _ => {
+                    unsent_in.insert(*partition);
+                    settle.unsent.push(*id);
+                }
+            }
+            // Its durable subscriptions must not wait for Redis.
+            if *sent != crate::pubsub::Sent::Accepted && unfanned[i] {
+                settle.fan_ids.push(*id);
+                settle.fan_topics.push(messages[i].0[prefix..].to_string());
+                settle.fan_envelopes.push(messages[i].1.clone());
+            }
+            settle.partitions.push(*partition);
+        }
+        if publication.timed_out {
+            // A head that keeps timing out alone while Redis answers a PING
+            // is the event's fault (too large, too slow for Redis): charge
+            // it, so it is dead-lettered in the end; an outage never is.
+            if pace.timed_out(ids.first().copied()) && self.redis_answers().await {
+                if let Some(head) = settle.unsent.first().copied() {
+                    settle.unsent.remove(0);
+                    settle.refused.insert(0, head);
+                    settle.reasons.insert(
+                        0,
+                        format!(
+                            "redis: publishing this event alone timed out repeatedly while Redis answered: {}",
+                            publication.outage.as_ref().map(|e| e.to_string()).unwrap_or_default()
+                        ),
+                    );
+                }
             }
         }
+        let outage = publication.outage;
+        if let Some(error) = &outage {
+            if is_auth_outage(error) {
+                tracing::error!(parent: &span, event = event::REDIS_CONNECTION_LOST,
+                    component = "relay", %error,
+                    "Redis refuses the relay's PUBLISH (authentication or ACL): no event can be delivered until this is fixed; events wait in herald.outbox");
+                self.redis_down.store(true, Ordering::Relaxed);
+            } else if !self.redis_down.swap(true, Ordering::Relaxed) {
+                tracing::warn!(parent: &span, event = event::REDIS_CONNECTION_LOST,
+                    component = "relay", %error, "Redis unreachable; the relay holds events back");
+            }
+        }
+        let outage_text = outage.as_ref().map_or_else(
+            || "redis: not sent: the batch's publish time ran out".to_string(),
+            |e| e.to_string(),
+        );
+        self.settle(&settle, &outage_text).await?;
+        if !settle.accepted.is_empty() {
+            self.vacuum.removed(settle.accepted.len() as u64);
+            self.stats
+                .published
+                .fetch_add(settle.accepted.len() as u64, Ordering::Relaxed);
+            metrics::counter!(metric::RELAY_PUBLISHED).increment(settle.accepted.len() as u64);
+        }
+        for (id, reason) in settle.refused.iter().zip(&settle.reasons) {
+            tracing::warn!(parent: &span, event = event::RELAY_EVENT_REFUSED, outbox_id = id,
+                %reason, "Redis refused an event; it waits with backoff and holds back its partition");
+        }
+        match outage {
+            Some(error) => Err(error),
+            // Only refusals: the rest went through, keep draining.
+            None => Ok(rows.len()),
+        }
+    }
+
+    /// Mark `ids` fanned out and insert the tasks of those that were not
+    /// yet (and that the catalog accepts), in the caller's transaction,
+    /// which holds their partitions.
+    async fn fan_out_marked(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        ids: &[i64],
+        topics: &[String],
+        envelopes: &[String],
+    ) -> Result<u64> {
+        let marked: std::collections::HashSet<i64> = tx
+            .query(MARK_FANNED_OUT, &[&ids])
+            .await
+            .context("marking events fanned out in herald.outbox")?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let (mut fan_topics, mut fan_envelopes) = (Vec::new(), Vec::new());
+        for ((id, topic), envelope) in ids.iter().zip(topics).zip(envelopes) {
+            if marked.contains(id)
+                && (!self.catalog.checks_anything() || self.check(topic, envelope).is_ok())
+            {
+                fan_topics.push(topic.as_str());
+                fan_envelopes.push(envelope.as_str());
+            }
+        }
+        if fan_topics.is_empty() {
+            return Ok(0);
+        }
+        let tasks = tx
+            .execute(FAN_OUT, &[&fan_topics, &fan_envelopes])
+            .await
+            .context("inserting tasks for durable subscriptions while Redis is down")?;
+        self.stats.fanned_out.fetch_add(tasks, Ordering::Relaxed);
+        metrics::counter!(metric::RELAY_FANNED_OUT).increment(tasks);
+        Ok(tasks)
+    }
+
+    /// While Redis is down: fan out events waiting in the outbox to their
+    /// durable subscriptions (webhooks and task subscribers need only
+    /// Postgres), a batch of partitions at a time; returns how many events
+    /// it took.
+    async fn fan_out_waiting(&self, offset: i32, limit: usize) -> Result<usize> {
+        let mut client = self.pool.get().await?;
+        let tx = client
+            .transaction()
+            .await
+            .context("beginning a fan-out while Redis is down")?;
+        let rows = tx
+            .query(
+                UNFANNED,
+                &[
+                    &(limit as i64),
+                    &offset,
+                    &(self.config.relay.partitions_per_batch as i64),
+                    &PARTITION_LOCK_SPACE,
+                ],
+            )
+            .await
+            .context("reading events not yet fanned out from herald.outbox")?;
+        if !rows.is_empty() {
+            let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+            let topics: Vec<String> = rows.iter().map(|r| r.get(1)).collect();
+            let envelopes: Vec<String> = rows.iter().map(|r| r.get(2)).collect();
+            self.fan_out_marked(&tx, &ids, &topics, &envelopes).await?;
+        }
+        tx.commit()
+            .await
+            .context("committing a fan-out while Redis is down")?;
+        Ok(rows.len())
+    }
+
+    /// Whether Redis answers a PING within the response timeout.
+    async fn redis_answers(&self) -> bool {
+        let ping = async {
+            let mut conn = self.redis.get().await.ok()?;
+            redis::cmd("PING")
+                .query_async::<String>(&mut *conn)
+                .await
+                .ok()
+        };
+        matches!(
+            tokio::time::timeout(self.config.redis.response_timeout, ping).await,
+            Ok(Some(_))
+        )
     }
 
     /// The catalog's verdict on one claimed envelope: the reason it is
@@ -741,34 +1086,75 @@ impl Drainer {
         })
     }
 
-    async fn record_failure(
-        &self,
-        ids: &[i64],
-        partitions: &[i16],
-        error: &str,
-        counts_as_attempt: bool,
-    ) -> Result<()> {
+    /// Settle a batch that did not commit as a whole, holding its
+    /// partitions: remove what Redis accepted, charge what it refused (with
+    /// a backoff that holds back their partitions), note the outage on what
+    /// it did not run, and retire what has failed too often.
+    async fn settle(&self, settle: &Settle, outage: &str) -> Result<()> {
         let mut client = self.pool.get().await?;
         let tx = client
             .transaction()
             .await
             .context("beginning to record a failed batch")?;
-        // Hold the partitions while the rows are locked by the UPDATE: a
-        // claim running meanwhile would skip them (SKIP LOCKED) and publish
-        // later events of their keys first.
-        tx.execute(LOCK_PARTITIONS, &[&PARTITION_LOCK_SPACE, &partitions])
-            .await
-            .context("locking the failed batch's partitions")?;
-        tx.execute(RECORD_FAILURE, &[&ids, &error, &counts_as_attempt])
-            .await
-            .context("recording a failed publish on herald.outbox")?;
-        let dead = tx
-            .execute(
-                DEAD_LETTER,
-                &[&ids, &(self.config.relay.max_attempts as i32)],
+        // Hold the partitions while the rows are locked: a claim running
+        // meanwhile would skip them (SKIP LOCKED) and publish later events
+        // of their keys first.
+        tx.execute(
+            LOCK_PARTITIONS,
+            &[&PARTITION_LOCK_SPACE, &settle.partitions],
+        )
+        .await
+        .context("locking the failed batch's partitions")?;
+        if !settle.accepted.is_empty() {
+            let tasks = tx
+                .execute(
+                    SETTLE_PUBLISHED,
+                    &[
+                        &settle.accepted,
+                        &self.config.relay.retain_published.is_some(),
+                    ],
+                )
+                .await
+                .context("removing the events Redis accepted from herald.outbox")?;
+            self.stats.fanned_out.fetch_add(tasks, Ordering::Relaxed);
+            if tasks > 0 {
+                metrics::counter!(metric::RELAY_FANNED_OUT).increment(tasks);
+            }
+        }
+        if !settle.fan_ids.is_empty() {
+            self.fan_out_marked(
+                &tx,
+                &settle.fan_ids,
+                &settle.fan_topics,
+                &settle.fan_envelopes,
+            )
+            .await?;
+        }
+        if !settle.unsent.is_empty() {
+            tx.execute(RECORD_FAILURE, &[&settle.unsent, &outage])
+                .await
+                .context("recording a failed publish on herald.outbox")?;
+        }
+        let mut dead = 0;
+        if !settle.refused.is_empty() {
+            let (min, max) = (
+                self.config.relay.backoff_min.as_millis() as f64,
+                self.config.relay.backoff_max.as_millis() as f64,
+            );
+            tx.execute(
+                RECORD_REFUSED,
+                &[&settle.refused, &settle.reasons, &min, &max],
             )
             .await
-            .context("moving undeliverable events to herald.dead_letters")?;
+            .context("recording refused events on herald.outbox")?;
+            dead = tx
+                .execute(
+                    DEAD_LETTER,
+                    &[&settle.refused, &(self.config.relay.max_attempts as i32)],
+                )
+                .await
+                .context("moving undeliverable events to herald.dead_letters")?;
+        }
         tx.commit()
             .await
             .context("committing a failed batch's attempts")?;
@@ -779,7 +1165,11 @@ impl Drainer {
                 event = event::RELAY_DEAD_LETTERED,
                 events = dead,
                 max_attempts = self.config.relay.max_attempts,
-                %error,
+                error = settle
+                    .reasons
+                    .first()
+                    .map(String::as_str)
+                    .unwrap_or_default(),
                 "events could not be published and were moved to herald.dead_letters"
             );
         }
@@ -810,20 +1200,74 @@ impl Drainer {
     }
 }
 
-/// Whether a publish failed because Redis could not be reached (no answer,
-/// refused, dropped, timed out), as opposed to Redis answering with an
-/// error. An outage must not spend events' attempts: they wait instead.
-fn is_outage(error: &Error) -> bool {
-    match error {
-        Error::RedisPool(_) | Error::Timeout(..) => true,
-        Error::Redis { error, .. } => {
-            error.is_io_error()
-                || error.is_connection_dropped()
-                || error.is_connection_refusal()
-                || error.is_timeout()
-                || error.is_unrecoverable_error()
+/// Whether Redis answered but refuses the relay as such (authentication,
+/// the PUBLISH command denied): an outage an operator must fix.
+fn is_auth_outage(error: &Error) -> bool {
+    matches!(error, Error::Redis { error, .. } if error.code().is_some())
+}
+
+/// How a batch that did not commit as a whole is settled, by what Redis did
+/// with each of its events.
+#[derive(Default)]
+struct Settle {
+    accepted: Vec<i64>,
+    refused: Vec<i64>,
+    reasons: Vec<String>,
+    unsent: Vec<i64>,
+    partitions: Vec<i16>,
+    /// Events not published that still need their durable subscriptions'
+    /// tasks, with their topics and envelopes.
+    fan_ids: Vec<i64>,
+    fan_topics: Vec<String>,
+    fan_envelopes: Vec<String>,
+}
+
+/// How many events a drain worker claims next. After a publish timed out
+/// the next batch is half as large, down to one event, so a batch Redis
+/// cannot take in `redis.response_timeout` gets smaller rather than being
+/// re-published whole; a batch that needed more than one pipeline
+/// (`relay.batch_bytes`) makes the next claim take what fitted in one.
+/// Every fully published batch doubles it back, up to `relay.batch_size`.
+pub(crate) struct Pace {
+    limit: usize,
+    max: usize,
+    /// The head of the last single-event batch that timed out.
+    stuck: Option<i64>,
+}
+
+impl Pace {
+    pub(crate) fn new(max: usize) -> Pace {
+        Pace {
+            limit: max,
+            max,
+            stuck: None,
         }
-        _ => false,
+    }
+
+    pub(crate) fn limit(&self) -> usize {
+        self.limit
+    }
+
+    fn published(&mut self, first_pipeline: usize, events: usize) {
+        self.stuck = None;
+        self.limit = if first_pipeline < events {
+            first_pipeline.max(1)
+        } else {
+            (self.limit * 2).min(self.max)
+        };
+    }
+
+    /// After a timeout; whether this is a single-event batch whose head
+    /// already timed out alone, which is then charged (if Redis answers).
+    fn timed_out(&mut self, head: Option<i64>) -> bool {
+        if self.limit > 1 {
+            self.limit /= 2;
+            self.stuck = None;
+            return false;
+        }
+        let again = head.is_some() && self.stuck == head;
+        self.stuck = head;
+        again
     }
 }
 
@@ -853,5 +1297,38 @@ impl Backoff {
         let low = ceiling / 2;
         let jitter = rand::rng().random_range(0..=(ceiling - low).as_millis() as u64);
         low + Duration::from_millis(jitter)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pace;
+
+    #[test]
+    fn pace_halves_after_timeouts_and_charges_only_a_lone_head_that_times_out_again() {
+        let mut pace = Pace::new(8);
+        assert_eq!(pace.limit(), 8);
+        assert!(!pace.timed_out(Some(1)));
+        assert_eq!(pace.limit(), 4);
+        assert!(!pace.timed_out(Some(1)));
+        assert!(!pace.timed_out(Some(1)));
+        assert_eq!(pace.limit(), 1, "down to one event");
+        assert!(!pace.timed_out(Some(1)), "first lone timeout of this head");
+        assert!(pace.timed_out(Some(1)), "the same head again: charge it");
+        assert!(!pace.timed_out(Some(2)), "another head starts over");
+        pace.published(1, 1);
+        assert_eq!(pace.limit(), 2, "success doubles");
+        pace.published(2, 2);
+        pace.published(4, 4);
+        pace.published(8, 8);
+        assert_eq!(pace.limit(), 8, "up to batch_size");
+        pace.published(3, 8);
+        assert_eq!(pace.limit(), 3, "what fitted in one pipeline");
+        assert!(!pace.timed_out(Some(5)));
+        pace.published(1, 1);
+        assert!(
+            !pace.timed_out(Some(5)),
+            "a success in between resets the head"
+        );
     }
 }

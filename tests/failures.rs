@@ -343,13 +343,22 @@ async fn unreachable_redis_keeps_events_without_spending_attempts() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn events_redis_refuses_become_dead_letters_after_max_attempts() {
-    // A Redis that answers but refuses PUBLISH to this user (ACL).
+    // A Redis that answers but refuses this user PUBLISH to Herald's
+    // channels (ACL). Denying the PUBLISH command itself is an outage, not
+    // a refusal (tests/faults/relay.rs).
     let redis = RedisServer::start();
     let admin = redis::Client::open(redis.url()).unwrap();
     let mut conn = admin.get_multiplexed_async_connection().await.unwrap();
     let _: () = redis::cmd("ACL")
         .arg(&[
-            "SETUSER", "relay", "on", ">pw", "~*", "&*", "+@all", "-publish",
+            "SETUSER",
+            "relay",
+            "on",
+            ">pw",
+            "~*",
+            "resetchannels",
+            "&nothing.*",
+            "+@all",
         ])
         .query_async(&mut conn)
         .await
