@@ -168,7 +168,8 @@ impl Subscription {
                     .map_err(|e| bad(format!("webhook {url:?} is not a URL: {e}")))?;
                 if !matches!(parsed.scheme(), "http" | "https") {
                     return Err(bad(format!(
-                        "webhook {url:?}: the scheme must be http or https"
+                        "webhook {:?}: the scheme must be http or https",
+                        crate::config::mask_url(url)
                     )));
                 }
                 if self.secret.as_deref().unwrap_or("").is_empty() {

@@ -642,14 +642,15 @@ async fn the_subscriptions_cli_adds_lists_pauses_resumes_and_removes() {
             "crm",
             "customer.*",
             "--webhook",
-            "https://crm.example.com/hooks/herald",
+            "https://crm.example.com/hooks/herald?token=s3cr3t",
             "--secret",
             "k3y",
         ],
     )
     .await;
     assert!(
-        out.contains("→ POST https://crm.example.com/hooks/herald"),
+        out.contains("→ POST https://crm.example.com/hooks/herald?token=****")
+            && !out.contains("s3cr3t"),
         "{out}"
     );
     let row = client
@@ -683,9 +684,9 @@ async fn the_subscriptions_cli_adds_lists_pauses_resumes_and_removes() {
         audit.contains("billing.audit") && audit.contains("active") && audit.contains("api"),
         "{audit}"
     );
-    assert!(line(&table, "crm").contains("POST https://crm.example.com/hooks/herald"));
+    assert!(line(&table, "crm").contains("POST https://crm.example.com/hooks/herald?token=****"));
     assert!(
-        !table.contains("k3y"),
+        !table.contains("k3y") && !table.contains("s3cr3t"),
         "the secret is never printed: {table}"
     );
 
@@ -703,6 +704,11 @@ async fn the_subscriptions_cli_adds_lists_pauses_resumes_and_removes() {
     assert_eq!(json.len(), 2);
     assert_eq!(json[1]["name"], json!("crm"));
     assert_eq!(json[1]["enabled"], json!(false));
+    assert_eq!(
+        json[1]["webhook_url"],
+        json!("https://crm.example.com/hooks/herald?token=****"),
+        "the URL's secret is masked in JSON too"
+    );
     assert_eq!(json[0]["timeout_secs"], json!(30.0));
     assert_eq!(
         ok(config, &["subscriptions", "resume", "crm"]).await.trim(),

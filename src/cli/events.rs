@@ -112,7 +112,9 @@ pub async fn subscriptions(config: &Config, command: SubscriptionsCommand) -> an
             let subs = subscriptions::list(&client).await?;
             if json {
                 for s in &subs {
-                    println!("{}", serde_json::to_string(s)?);
+                    let mut s = s.clone();
+                    s.webhook_url = s.webhook_url.as_deref().map(crate::config::mask_url);
+                    println!("{}", serde_json::to_string(&s)?);
                 }
                 return Ok(());
             }
@@ -128,7 +130,8 @@ pub async fn subscriptions(config: &Config, command: SubscriptionsCommand) -> an
                     s.name.clone(),
                     s.pattern.clone(),
                     match &s.webhook_url {
-                        Some(url) => format!("POST {url}"),
+                        // The URL may carry a credential; show it masked.
+                        Some(url) => format!("POST {}", crate::config::mask_url(url)),
                         None => s.kind.clone(),
                     },
                     s.queue.clone(),
@@ -165,7 +168,7 @@ pub async fn subscriptions(config: &Config, command: SubscriptionsCommand) -> an
                 sub.pattern,
                 sub.webhook
                     .as_ref()
-                    .map(|u| format!("POST {u}"))
+                    .map(|u| format!("POST {}", crate::config::mask_url(u)))
                     .unwrap_or_else(|| sub.task_kind())
             );
         }
