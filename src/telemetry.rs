@@ -405,6 +405,9 @@ const BATCH_BUCKETS: &[f64] = &[
     1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
 ];
 
+/// How often histogram samples are folded into their buckets.
+const METRICS_UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Install the process-wide Prometheus recorder (once) that the library's
 /// `metrics::counter!` / `histogram!` calls feed. Histograms are rendered
 /// with buckets (seconds, or events for the batch size).
@@ -425,6 +428,19 @@ pub fn init_metrics() -> Option<&'static PrometheusHandle> {
             match installed {
                 Ok(handle) => {
                     describe_metrics();
+                    // Histogram samples are kept until drained, which only a
+                    // scrape or an upkeep does: with nobody scraping
+                    // `/metrics`, every task and batch grew the process.
+                    let upkeep = handle.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("herald-metrics-upkeep".into())
+                        .spawn(move || loop {
+                            std::thread::sleep(METRICS_UPKEEP_EVERY);
+                            upkeep.run_upkeep();
+                        });
+                    if let Err(error) = spawned {
+                        tracing::warn!(%error, "metrics upkeep thread not started");
+                    }
                     Some(handle)
                 }
                 Err(error) => {
