@@ -1,22 +1,43 @@
--- Smaller holes (issue 14, item 10).
+-- Bounded task errors and smaller holes (issue 14).
 --
--- 1. A replayed task keeps its unique key. Task dead letters now record the
+-- 1. Bounded error history: a task's `errors` array keeps its newest 25
+--    entries and every error text is cut to 8,192 characters. A task
+--    retried without end (max_attempts in the thousands, a snooze loop that
+--    fails) or a handler that returns a whole response body as its error
+--    grew the row, and every later update of it, without limit.
+--
+-- 2. A replayed task keeps its unique key. Task dead letters now record the
 --    key, and herald.replay_dead_letter puts it back on the new task. While
 --    a live (ready or running) task holds that key, the replay is refused
 --    with an error naming the holder, and the dead letter stays: replaying
 --    it then would run the same unique work twice at once, and dropping it
 --    would lose its payload and history.
--- 2. Event keys and headers have size limits in herald.publish, as the Rust
+-- 3. Event keys and headers have size limits in herald.publish, as the Rust
 --    API has (src/outbox.rs: MAX_KEY_BYTES, MAX_HEADERS_BYTES).
--- 3. Payloads (and event headers) nested deeper than 100 levels are refused
+-- 4. Payloads (and event headers) nested deeper than 100 levels are refused
 --    at publish and enqueue. jsonb takes any depth, but consumers decode
 --    JSON with serde_json's limit of 128 levels (the envelope adds one), so
 --    such a payload was accepted and then dead-lettered as "not JSON".
 
+CREATE FUNCTION herald.append_error(p_errors jsonb, p_entry jsonb)
+RETURNS jsonb
+LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT CASE
+        WHEN jsonb_array_length(p_errors) < 25 THEN p_errors || p_entry
+        ELSE (SELECT coalesce(jsonb_agg(e ORDER BY i), '[]'::jsonb)
+              FROM jsonb_array_elements(p_errors) WITH ORDINALITY AS x(e, i)
+              WHERE i > jsonb_array_length(p_errors) - 24) || p_entry
+    END
+$$;
+
+COMMENT ON FUNCTION herald.append_error(jsonb, jsonb) IS
+    'p_errors with p_entry appended, keeping the newest 25 entries.';
+
 ALTER TABLE herald.dead_letters ADD COLUMN unique_key text;
 
--- Bodies as in V10 (bounded error texts and history), plus the unique key
--- carried into herald.dead_letters.
+-- Bodies as in V2, with bounded error texts and history (herald.append_error)
+-- and the unique key carried into herald.dead_letters.
 CREATE OR REPLACE FUNCTION herald.fail_task(
     p_id       bigint,
     p_attempt  integer,
