@@ -53,6 +53,33 @@ pub const LISTEN_APPLICATION_NAME: &str = "herald-relay-listen";
 /// How often the archive's old partitions are dropped.
 const ARCHIVE_MAINTENANCE_EVERY: Duration = Duration::from_secs(600);
 
+/// The durable subscriptions' tasks for the outbox rows of CTE `$rows`
+/// (as claimed: event_id, topic, key, payload, headers, created_at,
+/// fanned_out), one per matching enabled subscription; the caller adds the
+/// WHERE and ORDER BY. CLAIM and SETTLE_PUBLISHED share it.
+macro_rules! fan_out_rows {
+    ($rows:literal) => {
+        concat!(
+            "
+INSERT INTO herald.tasks (queue, kind, payload, headers, max_attempts, timeout)
+SELECT s.queue, s.kind,
+       jsonb_build_object('id', c.event_id, 'topic', c.topic, 'key', c.key,
+                          'payload', c.payload, 'headers', c.headers,
+                          'created_at', c.created_at),
+       jsonb_build_object('herald_subscription', s.name, 'herald_event_id', c.event_id::text,
+                          'herald_topic', c.topic)
+         || CASE WHEN c.headers ? 'traceparent'
+                 THEN jsonb_build_object('traceparent', c.headers->'traceparent')
+                 ELSE '{}'::jsonb END,
+       s.max_attempts, s.timeout
+FROM ",
+            $rows,
+            " c
+JOIN herald.subscriptions s ON s.enabled AND c.topic LIKE s.topic_like"
+        )
+    };
+}
+
 // Claim a batch: take up to $5 partitions that have due events and whose
 // transaction lock is free, delete their oldest $1 due rows, archive them
 // when $2, and return the envelopes in id order. The statement runs in a
@@ -96,7 +123,7 @@ const ARCHIVE_MAINTENANCE_EVERY: Duration = Duration::from_secs(600);
 // back only rows with nothing but held rows before them in their partition
 // (see `Settle`), so behind a due head every row may go (a held row behind
 // it merely goes before its own backoff ends, still in order).
-const CLAIM: &str = "
+const CLAIM: &str = concat!("
 WITH owned AS MATERIALIZED (
     SELECT s.p
     FROM (SELECT partitions FROM herald.settings LIMIT 1) AS st,
@@ -134,19 +161,7 @@ WITH owned AS MATERIALIZED (
     -- durable subscriptions' tasks are inserted here, in the same statement:
     -- no second round trip, no second parse of the envelopes. Events
     -- fanned out while Redis was down (fanned_out) already have theirs.
-    INSERT INTO herald.tasks (queue, kind, payload, headers, max_attempts, timeout)
-    SELECT s.queue, s.kind,
-           jsonb_build_object('id', c.event_id, 'topic', c.topic, 'key', c.key,
-                              'payload', c.payload, 'headers', c.headers,
-                              'created_at', c.created_at),
-           jsonb_build_object('herald_subscription', s.name, 'herald_event_id', c.event_id::text,
-                              'herald_topic', c.topic)
-             || CASE WHEN c.headers ? 'traceparent'
-                     THEN jsonb_build_object('traceparent', c.headers->'traceparent')
-                     ELSE '{}'::jsonb END,
-           s.max_attempts, s.timeout
-    FROM claimed c
-    JOIN herald.subscriptions s ON s.enabled AND c.topic LIKE s.topic_like
+    ", fan_out_rows!("claimed"), "
     WHERE $6 AND NOT c.fanned_out
     ORDER BY c.id, s.name
     RETURNING 1
@@ -157,7 +172,7 @@ SELECT id, topic, partition,
        (SELECT count(*) FROM fanned) AS fanned_out,
        fanned_out AS was_fanned_out
 FROM claimed
-ORDER BY id";
+ORDER BY id");
 
 // For the claim's transaction: its fan-out INSERT leaves herald_tasks'
 // NOTIFY to the relay (sql/V8__tasks_notify_only_when_needed.sql), and its
@@ -222,7 +237,7 @@ WHERE o.id = r.id";
 // Rows Redis accepted in a batch that could not commit as a whole: removed,
 // archived when $2, and fanned out to durable subscriptions, as CLAIM does
 // (the claim's own fan-out was rolled back with it).
-const SETTLE_PUBLISHED: &str = "
+const SETTLE_PUBLISHED: &str = concat!("
 WITH gone AS (
     DELETE FROM herald.outbox WHERE id = ANY($1)
     RETURNING id, event_id, topic, key, partition, payload, headers, created_at, attempts, fanned_out
@@ -231,21 +246,9 @@ WITH gone AS (
     SELECT id, event_id, topic, key, partition, payload, headers, created_at, attempts
     FROM gone WHERE $2
 )
-INSERT INTO herald.tasks (queue, kind, payload, headers, max_attempts, timeout)
-SELECT s.queue, s.kind,
-       jsonb_build_object('id', c.event_id, 'topic', c.topic, 'key', c.key,
-                          'payload', c.payload, 'headers', c.headers,
-                          'created_at', c.created_at),
-       jsonb_build_object('herald_subscription', s.name, 'herald_event_id', c.event_id::text,
-                          'herald_topic', c.topic)
-         || CASE WHEN c.headers ? 'traceparent'
-                 THEN jsonb_build_object('traceparent', c.headers->'traceparent')
-                 ELSE '{}'::jsonb END,
-       s.max_attempts, s.timeout
-FROM gone c
-JOIN herald.subscriptions s ON s.enabled AND c.topic LIKE s.topic_like
+", fan_out_rows!("gone"), "
 WHERE NOT c.fanned_out
-ORDER BY c.id, s.name";
+ORDER BY c.id, s.name");
 
 // Mark rows as fanned out (sql/V9__outbox_fanned_out.sql); returns those
 // that were not yet, whose tasks the caller then inserts in the same
