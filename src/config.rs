@@ -1075,6 +1075,25 @@ mod tests {
         assert!(err.contains("scheme \"http\" is not redis://"), "{err}");
     }
 
+    /// A webhook URL that does not parse is refused without echoing it: its
+    /// user info or query may hold a credential.
+    #[test]
+    fn an_unparsable_webhook_url_is_refused_without_its_credential() {
+        let mut hook = subscription("billing", "payment.*");
+        hook.webhook = Some("https://hook:wh-s3cret@hooks.example:99999/in".into());
+        hook.secret = Some("key".into());
+        let c = Config {
+            subscriptions: vec![hook],
+            ..Config::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("subscription \"billing\"") && err.contains("is not a URL"),
+            "{err}"
+        );
+        assert!(!err.contains("wh-s3cret"), "{err}");
+    }
+
     /// `herald config` prints this: every secret masked, and what is left is
     /// still a configuration file that loads.
     #[test]
