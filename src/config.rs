@@ -915,4 +915,221 @@ mod tests {
             "postgres://db/app?user=app&password=****&sslmode=require"
         );
     }
+
+    fn subscription(name: &str, pattern: &str) -> crate::subscriptions::Subscription {
+        serde_json::from_value(serde_json::json!({"name": name, "pattern": pattern}))
+            .expect("a subscription")
+    }
+
+    /// `validate` refuses each setting that cannot work with a message that
+    /// names the setting and the value it got.
+    #[test]
+    fn each_unworkable_setting_is_refused_by_name() {
+        type Tweak = Box<dyn Fn(&mut Config)>;
+        let cases: Vec<(Tweak, Vec<&str>)> = vec![
+            (
+                Box::new(|c: &mut Config| c.admin.bind = "localhost".into()),
+                vec!["admin.bind \"localhost\" is not an address:port (e.g. 127.0.0.1:9187)"],
+            ),
+            (
+                Box::new(|c: &mut Config| c.nodes.heartbeat_interval = Duration::ZERO),
+                vec!["nodes.heartbeat_interval must be more than 0"],
+            ),
+            (
+                Box::new(|c: &mut Config| c.nodes.missed_heartbeats = 0),
+                vec!["nodes.missed_heartbeats must be at least 1"],
+            ),
+            (
+                Box::new(|c: &mut Config| c.subscriptions = vec![subscription("s1", "a b")]),
+                vec!["subscription \"s1\"", "pattern \"a b\" is not a topic or a glob"],
+            ),
+            (
+                Box::new(|c: &mut Config| {
+                    c.subscriptions = vec![subscription("s1", "a.*"), subscription("s1", "b.*")]
+                }),
+                vec!["[[subscriptions]] \"s1\" is declared twice"],
+            ),
+            (
+                Box::new(|c: &mut Config| {
+                    c.redis.subscriber_buffer = crate::pubsub::MAX_SUBSCRIBER_BUFFER + 1
+                }),
+                vec!["redis.subscriber_buffer must be at most 16777216, got 16777217"],
+            ),
+            (
+                Box::new(|c: &mut Config| c.partitions = 0),
+                vec!["partitions must be between 1 and 1024, got 0"],
+            ),
+            (
+                Box::new(|c: &mut Config| c.partitions = 1025),
+                vec!["partitions must be between 1 and 1024, got 1025"],
+            ),
+            (
+                Box::new(|c: &mut Config| c.max_payload_bytes = i32::MAX as usize + 1),
+                vec!["max_payload_bytes must be below 2147483647, got 2147483648"],
+            ),
+            (
+                Box::new(|c: &mut Config| c.relay.max_attempts = 0),
+                vec!["relay.max_attempts must be at least 1"],
+            ),
+            (
+                Box::new(|c: &mut Config| c.relay.backoff_min = Duration::from_secs(20)),
+                vec!["relay.backoff_min (20s) is larger than relay.backoff_max (10s)"],
+            ),
+            (
+                Box::new(|c: &mut Config| c.worker.queues.clear()),
+                vec!["worker.queues must name at least one queue"],
+            ),
+            (
+                Box::new(|c: &mut Config| c.worker.queues = vec!["default".into(), "mail=0".into()]),
+                vec!["worker.queues: \"mail=0\": the concurrency after '=' must be a whole number of at least 1"],
+            ),
+            (
+                Box::new(|c: &mut Config| c.worker.queues = vec!["mail=four".into()]),
+                vec!["worker.queues: \"mail=four\": the concurrency after '='"],
+            ),
+            (
+                Box::new(|c: &mut Config| c.worker.queues = vec!["bad name".into()]),
+                vec!["worker.queues:", "queue \"bad name\": only letters"],
+            ),
+            (
+                Box::new(|c: &mut Config| c.worker.lease = Duration::from_millis(200)),
+                vec!["worker.lease must be at least 300ms, got 200ms"],
+            ),
+            (
+                Box::new(|c: &mut Config| c.worker.heartbeat_interval = Some(Duration::ZERO)),
+                vec!["worker.heartbeat_interval must be more than 0"],
+            ),
+            (
+                Box::new(|c: &mut Config| c.scheduler.poll_interval = Duration::from_millis(50)),
+                vec!["scheduler.poll_interval must be at least 100ms, got 50ms"],
+            ),
+            (
+                Box::new(|c: &mut Config| {
+                    let nightly =
+                        crate::cron::Schedule::new("nightly", "0 2 * * *", "report.build", &())
+                            .expect("a schedule");
+                    c.schedules = vec![nightly.clone(), nightly];
+                }),
+                vec!["schedules[1]: the name \"nightly\" is used by another [[schedules]] entry"],
+            ),
+            (
+                Box::new(|c: &mut Config| c.channel_prefix = "herald :".into()),
+                vec!["channel_prefix \"herald :\" must not contain whitespace or control characters"],
+            ),
+            (
+                Box::new(|c: &mut Config| c.channel_prefix = "herald\u{7}".into()),
+                vec!["must not contain whitespace or control characters"],
+            ),
+        ];
+        for (tweak, needles) in cases {
+            let mut c = Config::default();
+            tweak(&mut c);
+            let err = c.validate().expect_err(&format!("{needles:?} accepted"));
+            assert!(matches!(err, Error::Config(_)), "{err:?}");
+            let err = err.to_string();
+            assert!(err.starts_with("invalid configuration: "), "{err}");
+            for n in &needles {
+                assert!(err.contains(n), "{n:?} not in {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn queue_concurrency_may_be_set_per_queue() {
+        let mut c = Config::default();
+        c.worker.concurrency = 3;
+        c.worker.queues = vec!["default".into(), " mail = 4 ".into()];
+        assert!(c.validate().is_ok());
+        assert_eq!(
+            c.worker.queue_concurrency(),
+            vec![("default".to_string(), 3), ("mail".to_string(), 4)]
+        );
+    }
+
+    /// A URL that does not parse is refused without echoing it: it may hold
+    /// a password.
+    #[test]
+    fn unparsable_urls_are_refused_without_their_password() {
+        let mut c = Config {
+            database_url: "postgres://app:hunter2@db:port/app".into(),
+            ..Config::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("invalid URL in database_url (DATABASE_URL)")
+                && err.contains("<unparsable URL>"),
+            "{err}"
+        );
+        assert!(!err.contains("hunter2"), "{err}");
+        c.database_url = Config::default().database_url;
+        c.redis_url = "redis://:s3cret@cache:99999".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("invalid URL in redis_url (REDIS_URL)")
+                && err.contains("<unparsable URL>"),
+            "{err}"
+        );
+        assert!(!err.contains("s3cret"), "{err}");
+        c.redis_url = "http://cache:6379".into();
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("scheme \"http\" is not redis://"), "{err}");
+    }
+
+    /// A webhook URL that does not parse is refused without echoing it: its
+    /// user info or query may hold a credential.
+    #[test]
+    fn an_unparsable_webhook_url_is_refused_without_its_credential() {
+        let mut hook = subscription("billing", "payment.*");
+        hook.webhook = Some("https://hook:wh-s3cret@hooks.example:99999/in".into());
+        hook.secret = Some("key".into());
+        let c = Config {
+            subscriptions: vec![hook],
+            ..Config::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("subscription \"billing\"") && err.contains("is not a URL"),
+            "{err}"
+        );
+        assert!(!err.contains("wh-s3cret"), "{err}");
+    }
+
+    /// `herald config` prints this: every secret masked, and what is left is
+    /// still a configuration file that loads.
+    #[test]
+    fn the_masked_toml_hides_every_secret_and_still_loads() {
+        let mut hook = subscription("billing", "payment.*");
+        hook.webhook = Some("https://hooks.example/in?token=abc123&v=1".into());
+        hook.secret = Some("wh-s3cret".into());
+        let plain = subscription("audit", "*");
+        let c = Config {
+            database_url: "postgres://app:hunter2@db:5432/app".into(),
+            admin: AdminConfig {
+                token: Some("adm1n-token".into()),
+                ..AdminConfig::default()
+            },
+            subscriptions: vec![hook, plain],
+            ..Config::default()
+        };
+        assert!(c.validate().is_ok());
+        let shown = c.to_masked_toml();
+        for secret in ["hunter2", "adm1n-token", "wh-s3cret", "abc123"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(shown.contains("postgres://app:****@db:5432/app"), "{shown}");
+        assert!(shown.contains("token = \"****\""), "{shown}");
+        assert!(shown.contains("secret = \"****\""), "{shown}");
+        assert!(
+            shown.contains("https://hooks.example/in?token=****&v=1"),
+            "{shown}"
+        );
+        let back: Config = toml::from_str(&shown).expect("the printed configuration loads");
+        assert_eq!(back.subscriptions.len(), 2);
+        assert_eq!(back.subscriptions[1].secret, None, "none was added");
+        assert_eq!(back.subscriptions[1].webhook, None);
+        assert_eq!(back.admin.bind, c.admin.bind);
+        assert_eq!(back.partitions, c.partitions);
+        assert_eq!(back.worker, c.worker);
+        assert_eq!(back.relay, c.relay);
+    }
 }

@@ -164,8 +164,13 @@ impl Subscription {
         }
         match (&self.webhook, self.task_kind() == WEBHOOK_KIND) {
             (Some(url), _) => {
-                let parsed = url::Url::parse(url)
-                    .map_err(|e| bad(format!("webhook {url:?} is not a URL: {e}")))?;
+                // Unparsable, so masked whole: its user info may hold a credential.
+                let parsed = url::Url::parse(url).map_err(|e| {
+                    bad(format!(
+                        "webhook {:?} is not a URL: {e}",
+                        crate::config::mask_url(url)
+                    ))
+                })?;
                 if !matches!(parsed.scheme(), "http" | "https") {
                     return Err(bad(format!(
                         "webhook {:?}: the scheme must be http or https",
