@@ -10,7 +10,8 @@
 //! Times come from the database clock, so hosts whose clocks drift do not
 //! expire each other. A heartbeat that fails (Postgres down, pool exhausted)
 //! is logged and retried on the next tick; the upsert re-creates a row that
-//! others expired meanwhile.
+//! others expired meanwhile. Shutdown abandons a heartbeat still waiting on
+//! Postgres and waits at most 5 s to deregister.
 
 use std::time::Duration;
 
@@ -179,7 +180,13 @@ impl Node {
                 _ = shutdown.cancelled() => break,
                 _ = ticker.tick() => {}
             }
-            match self.tick(&pool).await {
+            // A heartbeat stuck on a Postgres that stopped answering must not
+            // hold up shutdown; the row is left to expire.
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                result = self.tick(&pool) => result,
+            };
+            match result {
                 Ok(()) => {
                     if failing {
                         tracing::info!(node = %self.id, "node heartbeat recovered");
