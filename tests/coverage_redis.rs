@@ -1076,6 +1076,13 @@ async fn an_idle_subscriber_whose_ping_fails_or_times_out_reconnects_with_a_gap(
     })
     .await;
     cut_proxy.cut();
+    // Healing before the cut has closed the connection could still deliver
+    // the held reply: wait for the subscriber to dial again first.
+    wait_until(30, "the failing subscriber tries to reconnect", || {
+        let n = cut_proxy.accepted();
+        async move { n >= 2 }
+    })
+    .await;
     cut_proxy.heal();
     wait_until(30, "the silent subscriber tries to reconnect", || {
         let n = hole_proxy.accepted();
