@@ -840,6 +840,51 @@ async fn publish_each_stops_at_last_start_and_reports_a_pipeline_that_times_out(
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_each_reports_a_pipeline_cut_mid_flight_as_an_outage_not_a_timeout() {
+    let redis = RedisServer::start();
+    let (proxy, proxied) = Proxy::for_url(&redis.url()).await;
+    let config = config_on(&proxied);
+    let pool = redis_pool(&config).unwrap();
+    let messages: Vec<(String, String)> = (0..3)
+        .map(|n| ("cut.t".to_string(), envelope("cut.t", "k", n)))
+        .collect();
+    let warm = publish_each(
+        &pool,
+        &messages[..1],
+        Duration::from_secs(5),
+        1 << 20,
+        Instant::now(),
+    )
+    .await;
+    assert!(warm.all_accepted(), "{warm:?}");
+    let mut direct = conn(&redis.url()).await;
+    let before = command_calls(&mut direct, "publish").await;
+    // Slow replies (the pool's check-out ping included) leave time to cut
+    // the connection once Redis has run the pipeline.
+    proxy.delay(Dir::Down, Duration::from_secs(2));
+    let far = Instant::now() + Duration::from_secs(60);
+    let task = tokio::spawn(async move {
+        publish_each(&pool, &messages, Duration::from_secs(5), 1 << 20, far).await
+    });
+    wait_until(10, "the pipeline ran on Redis", || {
+        let mut probe = direct.clone();
+        async move { command_calls(&mut probe, "publish").await >= before + 3 }
+    })
+    .await;
+    proxy.cut();
+    let out = tokio::time::timeout(Duration::from_secs(4), task)
+        .await
+        .expect("a cut connection fails the pipeline at once, not after its timeout")
+        .unwrap();
+    assert_eq!(out.sent, vec![Sent::Unsent; 3], "not known to have run");
+    assert!(!out.timed_out, "{out:?}");
+    assert!(
+        matches!(&out.outage, Some(Error::Redis { error, .. }) if !error.is_timeout()),
+        "{out:?}"
+    );
+}
+
 #[tokio::test]
 async fn refuses_everything_charges_coded_errors_to_the_message_and_io_errors_to_redis() {
     let mut c = conn(&common::redis_url()).await;
