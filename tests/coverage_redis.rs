@@ -1040,8 +1040,7 @@ async fn a_full_buffer_then_a_closed_connection_reports_the_drops_then_the_loss(
         );
     }
     // Redis has written all ten to the subscriber before it runs the kill,
-    // so the reader sees them all, then the end of the connection, while the
-    // consumer has not read anything.
+    // so the reader sees them all, then the end of the connection.
     let killed: i64 = redis::cmd("CLIENT")
         .arg("KILL")
         .arg("TYPE")
@@ -1050,6 +1049,13 @@ async fn a_full_buffer_then_a_closed_connection_reports_the_drops_then_the_loss(
         .await
         .unwrap();
     assert_eq!(killed, 1);
+    // The consumer reads nothing until the reader is done: two messages and
+    // the dropped-count marker, queued only once the connection has ended.
+    wait_until(10, "the reader queued two messages and the marker", || {
+        let n = sub.buffered();
+        async move { n == 3 }
+    })
+    .await;
     for n in 0..2 {
         match next_delivery(&mut sub).await {
             Delivery::Event { envelope, .. } => assert_eq!(envelope.payload["n"], n),
