@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -63,23 +62,8 @@ async fn fails(config: &Config, args: &[&str]) -> String {
 /// `herald <args…>` as [`herald_output`] runs it, plus `env`, with its
 /// output piped.
 fn command(config: &Config, args: &[&str], env: &[(&str, &str)]) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"));
-    cmd.args(args)
-        .env("DATABASE_URL", &config.database_url)
-        .env("REDIS_URL", &config.redis_url)
-        .env("HERALD_CHANNEL_PREFIX", &config.channel_prefix)
-        .env("HERALD_PARTITIONS", config.partitions.to_string())
-        .env("HERALD_MIGRATE_ON_START", "false")
-        .env("HERALD_POSTGRES_POOL_SIZE", "4")
-        .env("RUST_LOG", "warn")
-        .env_remove("HERALD_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
+    let mut cmd = common::herald_command(config, args, env);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     cmd
 }
 
@@ -162,19 +146,6 @@ impl Lines {
             .cloned()
             .expect("found above")
     }
-}
-
-/// A file of this test's own under the temporary directory.
-fn temp_file(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "herald-coverage-cli-{}-{}",
-        std::process::id(),
-        uuid::Uuid::now_v7().simple()
-    ));
-    std::fs::create_dir_all(&dir).expect("creating a temporary directory");
-    let path = dir.join(name);
-    std::fs::write(&path, text).expect("writing a temporary file");
-    path
 }
 
 /// A configuration whose database no command may reach.
@@ -424,7 +395,7 @@ async fn publish_refuses_a_nameless_header_and_sends_fire_and_forget_topics_stra
         0
     );
 
-    let file = temp_file(
+    let file = common::temp_file(
         "herald.toml",
         "[[events]]\nname = \"presence.ping\"\ndelivery = \"fire_and_forget\"\n",
     );
@@ -477,7 +448,7 @@ async fn config_prints_the_effective_settings_with_every_secret_masked() {
         partitions: 32,
         ..Config::default()
     };
-    let file = temp_file(
+    let file = common::temp_file(
         "herald.toml",
         r#"
 [relay]

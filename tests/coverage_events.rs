@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use common::{herald_output, scalar, TestDb};
@@ -55,19 +54,6 @@ async fn fails(config: &Config, args: &[&str]) -> String {
     run.stderr
 }
 
-/// A file of this test's own under the temporary directory.
-fn temp_file(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "herald-coverage-events-{}-{}",
-        std::process::id(),
-        uuid::Uuid::now_v7().simple()
-    ));
-    std::fs::create_dir_all(&dir).expect("creating a temporary directory");
-    let path = dir.join(name);
-    std::fs::write(&path, text).expect("writing a temporary file");
-    path
-}
-
 fn config_without_database() -> Config {
     // `herald events list` reads only the configuration.
     Config {
@@ -106,7 +92,7 @@ async fn events_list_prints_the_declared_types_and_the_strict_setting() {
     );
     assert_eq!(ok(&config, &["events", "list", "--json"]).await, "");
 
-    let schema = temp_file(
+    let schema = common::temp_file(
         "order.json",
         r#"{"type": "object", "required": ["id"], "properties": {"id": {"type": "integer"}}}"#,
     );
@@ -132,7 +118,7 @@ delivery = "fire_and_forget"
 "#,
         schema.display()
     );
-    let file = temp_file("herald.toml", &toml);
+    let file = common::temp_file("herald.toml", &toml);
     let file = file.to_str().expect("a UTF-8 path");
 
     let table = ok(&config, &["--config", file, "events", "list"]).await;
@@ -185,7 +171,7 @@ delivery = "fire_and_forget"
 #[tokio::test]
 async fn events_list_refuses_a_catalog_that_does_not_compile() {
     let config = config_without_database();
-    let file = temp_file(
+    let file = common::temp_file(
         "herald.toml",
         r#"
 [[events]]
@@ -230,7 +216,7 @@ fn the_catalog_refuses_each_bad_declaration_by_name() {
     );
 
     let mut not_json = event_type("a.notjson");
-    not_json.schema_file = Some(temp_file("bad.json", "{ not json"));
+    not_json.schema_file = Some(common::temp_file("bad.json", "{ not json"));
     let msg = config_error(Catalog::new(&[not_json], false));
     assert!(msg.contains("is not JSON"), "{msg}");
 

@@ -180,21 +180,11 @@ impl HeraldProcess {
     /// `herald <args…>` with the test database, Redis and prefix, and a
     /// small pool so that many processes fit in Postgres's connection limit.
     pub fn command(config: &Config, args: &[&str], extra_env: &[(&str, &str)]) -> HeraldProcess {
-        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"));
-        cmd.args(args)
-            .env("DATABASE_URL", &config.database_url)
-            .env("REDIS_URL", &config.redis_url)
-            .env("HERALD_CHANNEL_PREFIX", &config.channel_prefix)
-            .env("HERALD_PARTITIONS", config.partitions.to_string())
-            .env("HERALD_MIGRATE_ON_START", "false")
-            .env("HERALD_POSTGRES_POOL_SIZE", "4")
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .env_remove("HERALD_CONFIG")
-            .stdin(Stdio::null())
-            .kill_on_drop(true);
+        let mut cmd = herald_command(config, args, &[]);
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+        );
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
@@ -416,11 +406,16 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// Run `herald <args…>` against the test database to its end, capturing
-/// stdout and stderr (same environment as [`HeraldProcess::command`]).
-pub async fn herald_output(config: &Config, args: &[&str]) -> std::process::Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(args)
+/// `herald <args…>` against the test database, Redis and prefix, with a
+/// small pool (so that many processes fit in Postgres's connection limit),
+/// `RUST_LOG=warn`, no stdin, killed when dropped, then `env` on top.
+pub fn herald_command(
+    config: &Config,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"));
+    cmd.args(args)
         .env("DATABASE_URL", &config.database_url)
         .env("REDIS_URL", &config.redis_url)
         .env("HERALD_CHANNEL_PREFIX", &config.channel_prefix)
@@ -430,6 +425,31 @@ pub async fn herald_output(config: &Config, args: &[&str]) -> std::process::Outp
         .env("RUST_LOG", "warn")
         .env_remove("HERALD_CONFIG")
         .stdin(Stdio::null())
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+/// A file of the calling test's own (a fresh directory under the temporary
+/// directory) holding `text`.
+pub fn temp_file(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "herald-test-{}-{}",
+        std::process::id(),
+        uuid::Uuid::now_v7().simple()
+    ));
+    std::fs::create_dir_all(&dir).expect("creating a temporary directory");
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("writing a temporary file");
+    path
+}
+
+/// Run `herald <args…>` against the test database to its end, capturing
+/// stdout and stderr (same environment as [`HeraldProcess::command`]).
+pub async fn herald_output(config: &Config, args: &[&str]) -> std::process::Output {
+    herald_command(config, args, &[])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .output()

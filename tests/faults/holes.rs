@@ -24,21 +24,8 @@ async fn herald_cli(
     env: &[(&str, &str)],
     limit: Duration,
 ) -> Option<std::process::Output> {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"));
-    cmd.args(args)
-        .env("DATABASE_URL", &db.config.database_url)
-        .env("REDIS_URL", &db.config.redis_url)
-        .env("HERALD_CHANNEL_PREFIX", &db.config.channel_prefix)
-        .env("HERALD_MIGRATE_ON_START", "false")
-        .env("RUST_LOG", "warn")
-        .env_remove("HERALD_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
+    let mut cmd = crate::common::herald_command(&db.config, args, env);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     let child = cmd.spawn().expect("running herald");
     tokio::time::timeout(limit, child.wait_with_output())
         .await
