@@ -1,4 +1,4 @@
-//! `herald bench`: the workloads of `shared/bench-spec.md` against the real
+//! `herald bench`: the workloads of docs/benchmarks.md#workloads against the real
 //! Postgres and Redis of the configuration, each run on a fresh database that
 //! the bench creates and drops. It measures and reports; it must never be
 //! called from the test suite with a time assertion.
@@ -63,7 +63,7 @@ pub struct BenchArgs {
     pub quiet: bool,
 }
 
-/// The workloads of shared/bench-spec.md, in the order `all` runs them.
+/// The workloads of docs/benchmarks.md#workloads, in the order `all` runs them.
 const WORKLOADS: [&str; 11] = [
     "O1", "O1C", "O2", "O3", "O4", "Q1", "Q1B", "Q2", "Q2-SCALE", "Q3", "C1",
 ];
@@ -144,7 +144,7 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
             w if WORKLOADS.contains(&w) || ON_REQUEST.contains(&w) => wanted.push(w.to_string()),
             other => bail!(
                 "unknown workload {other:?}: this build implements {}, {} (or all, \
-                 which leaves out {}); see shared/bench-spec.md",
+                 which leaves out {}); see docs/benchmarks.md#workloads",
                 WORKLOADS.join(", "),
                 ON_REQUEST.join(", "),
                 ON_REQUEST.join(", ")
@@ -243,7 +243,7 @@ pub async fn run(config: &Config, args: BenchArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.write {
         let header = run_header(config, started, commit).await;
         let mut doc = std::fs::read_to_string(path).unwrap_or_else(|_| {
-            "# Benchmarks\n\nFigures from `herald bench`, following `shared/bench-spec.md`.\n"
+            "# Benchmarks\n\nFigures from `herald bench`; the workloads are defined under Workloads below.\n"
                 .to_string()
         });
         // Each part rewrites only its own block: `bench S1` keeps the latest

@@ -183,7 +183,7 @@ as many as you like: each tick fires once across all of them.\n\nExample:\n  her
     #[command(after_help = "Example:\n  HERALD_PARTITIONS=32 herald config")]
     Config,
 
-    /// Run benchmark workloads of shared/bench-spec.md (O1 to C1, or all; S1 when named).
+    /// Run benchmark workloads (docs/benchmarks.md#workloads: O1 to C1, or all; S1 when named).
     #[command(
         after_help = "Each run uses a fresh database, created and dropped by the bench. A progress \
 bar shows on stderr when it is a terminal (--quiet hides it); --write rewrites the file's \

@@ -1,4 +1,4 @@
-//! S1, the soak of `shared/bench-spec.md`: O4's load (`mixed`) for 10
+//! S1, the soak of docs/benchmarks.md#workloads: O4's load (`mixed`) for 10
 //! minutes (or `--duration`); per minute RSS and the event and task-start
 //! p99s, at the end the backlog and what was lost. It owns S1's figures and
 //! its own section of the `--write` file; it must never fail a run because a
