@@ -173,6 +173,29 @@ impl Drop for Server {
     }
 }
 
+/// The text of the page's flash message once `done` holds for it: an
+/// action's answer replaces the page, so the flash of an earlier action may
+/// still be there, or go stale, while it loads. The last text seen (for the
+/// caller's assertion) when 10 s pass first.
+async fn flash_when(c: &fantoccini::Client, done: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut last = String::new();
+    loop {
+        if let Ok(element) = c.find(Locator::Css("p.flash")).await {
+            if let Ok(text) = element.text().await {
+                if done(&text) {
+                    return text;
+                }
+                last = text;
+            }
+        }
+        if Instant::now() >= deadline {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn wait_for(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !check().await {
@@ -403,14 +426,10 @@ async fn replaying_a_dead_letter_by_clicking_puts_a_task_back() {
         .click()
         .await
         .unwrap();
-    let flash = c
-        .wait()
-        .for_element(Locator::Css("p.flash"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let flash = flash_when(c, |t| {
+        t.contains(&format!("Dead letter {} replayed as task", dead[0]))
+    })
+    .await;
     assert!(
         flash.contains(&format!("Dead letter {} replayed as task", dead[0])),
         "{flash}"
@@ -468,14 +487,7 @@ async fn replaying_selected_dead_letters_and_purging() {
     .click()
     .await
     .unwrap();
-    let flash = c
-        .wait()
-        .for_element(Locator::Css("p.flash"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let flash = flash_when(c, |t| t.starts_with("Replayed 2 dead letters")).await;
     assert!(flash.starts_with("Replayed 2 dead letters"), "{flash}");
     // Back on the filtered list.
     assert_eq!(
@@ -524,14 +536,7 @@ async fn replaying_selected_dead_letters_and_purging() {
         .await
         .unwrap();
     c.accept_alert().await.unwrap();
-    let flash = c
-        .wait()
-        .for_element(Locator::Css("p.flash"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let flash = flash_when(c, |t| t.starts_with("Purged 1 dead letters")).await;
     assert!(flash.starts_with("Purged 1 dead letters"), "{flash}");
     assert_eq!(
         db.count("SELECT count(*) FROM herald.dead_letters").await,
@@ -574,14 +579,7 @@ async fn pausing_resuming_and_triggering_a_schedule_by_clicking() {
     .click()
     .await
     .unwrap();
-    let flash = c
-        .wait()
-        .for_element(Locator::Css("p.flash"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let flash = flash_when(c, |t| t == "Schedule hourly-sync paused.").await;
     assert_eq!(flash, "Schedule hourly-sync paused.");
     assert!(
         !enabled().await,
@@ -1079,14 +1077,7 @@ async fn cancelling_a_task_by_clicking() {
         .click()
         .await
         .unwrap();
-    let flash = c
-        .wait()
-        .for_element(Locator::Css("p.flash"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let flash = flash_when(c, |t| t == format!("Task {id}: cancelled.")).await;
     assert_eq!(flash, format!("Task {id}: cancelled."));
     let state: String = db
         .client()
