@@ -139,7 +139,10 @@ async fn three_scheduler_processes_fire_every_second_tick_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misfire_policies_after_ten_hours_without_a_scheduler() {
-    let db = TestDb::new().await;
+    // The fixed 5 s grace: with the default fraction (a tenth of the hour),
+    // a run in the first minutes of an hour would find that hour's tick
+    // still on time, and what the policies fire would depend on the clock.
+    let db = TestDb::with(|c| c.scheduler.misfire_grace_fraction = 0.0).await;
     let client = db.client().await;
     for (name, misfire) in [("m-skip", "skip"), ("m-once", "once"), ("m-all", "all")] {
         client
@@ -230,7 +233,12 @@ async fn misfire_policies_after_ten_hours_without_a_scheduler() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn misfire_all_is_capped_by_max_backfill() {
-    let db = TestDb::with(|c| c.scheduler.max_backfill = 3).await;
+    // The fixed 5 s grace, as above.
+    let db = TestDb::with(|c| {
+        c.scheduler.max_backfill = 3;
+        c.scheduler.misfire_grace_fraction = 0.0;
+    })
+    .await;
     let client = db.client().await;
     client
         .batch_execute(
