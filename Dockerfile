@@ -7,20 +7,29 @@
 FROM rust:1-bookworm AS builder
 WORKDIR /src
 
-# Dependencies first, against a dummy crate, so this layer is reused while
-# only src/ or sql/ change.
+# Dependencies first, against dummy crates, so this layer is reused while
+# only the sources change. The workspace is the library (src/), the `herald`
+# binary (cli/) and the bench harness (bench/).
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src \
-    && echo 'fn main() {}' > src/main.rs \
-    && touch src/lib.rs \
-    && cargo build --release --locked \
-    && rm -rf src target/release/herald target/release/deps/herald-* \
-       target/release/deps/libherald-* target/release/.fingerprint/herald-*
+COPY cli/Cargo.toml cli/
+COPY bench/Cargo.toml bench/
+RUN mkdir -p src cli/src bench/src \
+    && echo 'fn main() {}' > cli/src/main.rs \
+    && touch src/lib.rs bench/src/lib.rs \
+    && for t in $(sed -n 's#^path = "\.\./\(tests/.*\)"#\1#p' cli/Cargo.toml); do \
+         mkdir -p "$(dirname "$t")" && touch "$t"; done \
+    && cargo build --release --locked -p herald-cli \
+    && rm -rf src cli/src bench/src tests target/release/herald \
+       target/release/deps/*herald* target/release/.fingerprint/herald*
 
-# The crate embeds the sql/ migrations at compile time: copy them before building.
+# The library embeds the sql/ migrations at compile time: copy them before building.
 COPY sql ./sql
 COPY src ./src
-RUN cargo build --release --locked \
+COPY cli/src ./cli/src
+COPY bench/src ./bench/src
+RUN for t in $(sed -n 's#^path = "\.\./\(tests/.*\)"#\1#p' cli/Cargo.toml); do \
+         mkdir -p "$(dirname "$t")" && touch "$t"; done \
+    && cargo build --release --locked -p herald-cli \
     && cp target/release/herald /usr/local/bin/herald
 
 # ---- runtime ----------------------------------------------------------------

@@ -19,10 +19,10 @@ help: ## List the targets
 	@awk 'BEGIN { FS = ":.*## " } /^[a-zA-Z_-]+:.*## / { printf "  %-16s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
 
 build: ## Build the release binary (target/release/herald)
-	$(CARGO) build --release
+	$(CARGO) build --release --bin herald
 
 run: services-up ## Start dev services, then `herald run` (migrates, relays)
-	$(WITH_ENV) $(CARGO) run --release -- run
+	$(WITH_ENV) $(CARGO) run --release --bin herald -- run
 
 test: services-up ## Start dev services, then run the whole test suite
 	$(WITH_ENV) $(CARGO) test
@@ -34,18 +34,18 @@ coverage: services-up ## Run the test suite under cargo-llvm-cov: line coverage 
 	@command -v cargo-llvm-cov >/dev/null || $(CARGO) install cargo-llvm-cov --locked
 	@rustup component list --installed 2>/dev/null | grep -q '^llvm-tools' || rustup component add llvm-tools
 	$(WITH_ENV) $(CARGO) llvm-cov $(COVERAGE_ARGS) --summary-only
-	@echo "Leaving out the bench code (src/bench.rs, src/bench/), which only \`herald bench\` runs:"
-	@$(CARGO) llvm-cov report --summary-only --ignore-filename-regex 'src/bench' | grep '^TOTAL'
+	@echo "Leaving out the bench code (bench/), which only \`herald bench\` runs:"
+	@$(CARGO) llvm-cov report --summary-only --ignore-filename-regex 'bench/src' | grep '^TOTAL'
 
 lint: ## rustfmt check and clippy with warnings as errors
 	$(CARGO) fmt --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
 bench: services-up ## Start dev services, then run every benchmark workload
-	$(WITH_ENV) $(CARGO) run --release -- bench all
+	$(WITH_ENV) $(CARGO) run --release --bin herald -- bench all
 
 migrate: services-up ## Apply the schema migrations to DATABASE_URL
-	$(WITH_ENV) $(CARGO) run --release -- migrate
+	$(WITH_ENV) $(CARGO) run --release --bin herald -- migrate
 
 services-up: ## Make sure Postgres and Redis answer (start them if needed)
 	$(DEV) up

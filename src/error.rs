@@ -66,6 +66,10 @@ pub enum Error {
     #[error("timed out after {0:?}: {1}")]
     Timeout(Duration, String),
 
+    /// A step of starting Herald's services (see `Herald::builder`).
+    #[error("{context}: {error}")]
+    Startup { context: String, error: Box<Error> },
+
     #[error("{0}")]
     Other(String),
 }

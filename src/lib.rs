@@ -2,6 +2,8 @@
 //! `herald.outbox` in the producer's own transaction and relayed to Redis
 //! pub/sub after COMMIT, at least once and in per-key order.
 //!
+//! - [`Herald::builder`]: relay, workers, scheduler and admin server wired
+//!   into one process, as `herald run` does.
 //! - [`outbox`]: the `Event` builder and `publish` / `publish_batch`.
 //! - [`relay`]: the process that moves committed events to Redis.
 //! - [`pubsub`]: Redis publishing and the reconnecting `Subscriber`.
@@ -20,10 +22,10 @@
 //! - [`admin`]: the admin HTTP server (`/metrics`, `/healthz`, `/readyz`, dashboard).
 //! - [`config`]: settings from defaults, TOML and the environment.
 
+#[cfg(feature = "admin")]
 pub mod admin;
-pub mod bench;
+mod app;
 pub mod cache;
-pub mod cli;
 pub mod config;
 pub mod cron;
 pub mod db;
@@ -44,6 +46,7 @@ pub mod wake;
 pub mod webhook;
 pub mod worker;
 
+pub use app::{Herald, HeraldBuilder};
 pub use cache::Cache;
 pub use config::Config;
 pub use error::{Error, Result};

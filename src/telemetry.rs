@@ -255,6 +255,12 @@ fn not_exporter_internals(
     })
 }
 
+#[cfg(not(feature = "otlp"))]
+fn otlp_provider() -> std::result::Result<SdkTracerProvider, String> {
+    Err("this build of Herald has no OTLP exporter (cargo feature `otlp`)".into())
+}
+
+#[cfg(feature = "otlp")]
 fn otlp_provider() -> std::result::Result<SdkTracerProvider, String> {
     if let Ok(protocol) = std::env::var("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
         .or_else(|_| std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL"))

@@ -239,7 +239,7 @@ async fn migrate_lists_what_it_applied_then_says_the_schema_is_current() {
         .expect("emptying the database");
     // Every migration in sql/, in version order.
     let mut migrations: Vec<(i32, String)> =
-        std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/sql"))
+        std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../sql"))
             .expect("sql/")
             .map(|e| {
                 let name = e.expect("a directory entry").file_name();

@@ -887,7 +887,7 @@ async fn screenshots() {
 
     let browser = Browser::start().await;
     let c = &browser.client;
-    let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs");
+    let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs");
     for (path, file) in [
         ("/".to_string(), "dashboard-overview.png"),
         ("/queues".to_string(), "dashboard-queues.png"),

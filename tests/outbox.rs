@@ -371,7 +371,7 @@ async fn fresh_database_migrates_in_parallel() {
 
 /// The highest V<n> among the migration files in sql/.
 fn latest_migration() -> i32 {
-    std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/sql"))
+    std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../sql"))
         .unwrap()
         .filter_map(|e| {
             let name = e.ok()?.file_name().into_string().ok()?;

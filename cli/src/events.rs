@@ -8,8 +8,8 @@ use super::inspect::table;
 use anyhow::bail;
 use clap::Subcommand;
 
-use crate::config::Config;
-use crate::subscriptions::{self, Subscription};
+use herald::config::Config;
+use herald::subscriptions::{self, Subscription};
 
 #[derive(Debug, Subcommand)]
 pub enum EventsCommand {
@@ -48,7 +48,7 @@ herald subscriptions add crm 'customer.*' --webhook https://crm.example.com/hook
         secret: Option<String>,
         #[arg(long, default_value = "default")]
         queue: String,
-        #[arg(long, default_value_t = crate::queue::DEFAULT_MAX_ATTEMPTS, allow_negative_numbers = true)]
+        #[arg(long, default_value_t = herald::queue::DEFAULT_MAX_ATTEMPTS, allow_negative_numbers = true)]
         max_attempts: i32,
         /// Per-attempt timeout (e.g. 30s).
         #[arg(long, value_parser = super::parse_delay)]
@@ -63,7 +63,7 @@ herald subscriptions add crm 'customer.*' --webhook https://crm.example.com/hook
 }
 
 pub fn events(config: &Config, command: EventsCommand) -> anyhow::Result<()> {
-    let catalog = crate::events::Catalog::from_config(config)?;
+    let catalog = herald::events::Catalog::from_config(config)?;
     match command {
         EventsCommand::List { json } => {
             if json {
@@ -105,15 +105,15 @@ pub fn events(config: &Config, command: EventsCommand) -> anyhow::Result<()> {
 }
 
 pub async fn subscriptions(config: &Config, command: SubscriptionsCommand) -> anyhow::Result<()> {
-    let client = crate::db::connect(config, "herald-cli").await?;
-    crate::migrate::check_schema(&client).await?;
+    let client = herald::db::connect(config, "herald-cli").await?;
+    herald::migrate::check_schema(&client).await?;
     match command {
         SubscriptionsCommand::List { json } => {
             let subs = subscriptions::list(&client).await?;
             if json {
                 for s in &subs {
                     let mut s = s.clone();
-                    s.webhook_url = s.webhook_url.as_deref().map(crate::config::mask_url);
+                    s.webhook_url = s.webhook_url.as_deref().map(herald::config::mask_url);
                     println!("{}", serde_json::to_string(&s)?);
                 }
                 return Ok(());
@@ -131,7 +131,7 @@ pub async fn subscriptions(config: &Config, command: SubscriptionsCommand) -> an
                     s.pattern.clone(),
                     match &s.webhook_url {
                         // The URL may carry a credential; show it masked.
-                        Some(url) => format!("POST {}", crate::config::mask_url(url)),
+                        Some(url) => format!("POST {}", herald::config::mask_url(url)),
                         None => s.kind.clone(),
                     },
                     s.queue.clone(),
@@ -168,7 +168,7 @@ pub async fn subscriptions(config: &Config, command: SubscriptionsCommand) -> an
                 sub.pattern,
                 sub.webhook
                     .as_ref()
-                    .map(|u| format!("POST {}", crate::config::mask_url(u)))
+                    .map(|u| format!("POST {}", herald::config::mask_url(u)))
                     .unwrap_or_else(|| sub.task_kind())
             );
         }

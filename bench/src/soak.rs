@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::mixed::{self, MixedLoad};
 use super::{count_negative, latency_figures, percentile, Figure, RunResult};
-use crate::config::Config;
+use herald::config::Config;
 
 /// First and last line of S1's section of the `--write` file, apart from the
 /// main generated block so that `bench S1` and `bench all` do not overwrite

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 
 use super::{epoch_secs, seq_task, signed_ms, subscribe_all, HeraldProcess};
-use crate::config::Config;
+use herald::config::Config;
 
 /// `worker.concurrency` of the load's `herald run`.
 pub(super) const WORKER_CONCURRENCY: usize = 100;
@@ -103,7 +103,7 @@ impl MixedLoad {
 /// Runs the load for `secs`, then waits at most `drain` for the backlog to
 /// empty (counted from the database and the subscriber).
 pub(super) async fn run(config: &Config, secs: u64, drain: Duration) -> anyhow::Result<MixedLoad> {
-    let client = crate::db::connect(config, "herald-bench").await?;
+    let client = herald::db::connect(config, "herald-bench").await?;
     client
         .batch_execute(
             "CREATE UNLOGGED TABLE public.bench_task_stamps (seq bigint, what text, at float8);
@@ -180,7 +180,7 @@ pub(super) async fn run(config: &Config, secs: u64, drain: Duration) -> anyhow::
     let mut task_producers = tokio::task::JoinSet::new();
     for p in 0..PRODUCERS {
         let offset = Duration::from_micros(1_000_000 * p / RATE);
-        let c = crate::db::connect(config, "herald-bench").await?;
+        let c = herald::db::connect(config, "herald-bench").await?;
         let stmt = c.prepare(insert_event).await?;
         event_producers.spawn(async move {
             let mut ticker = tokio::time::interval_at(start + offset, period);
@@ -198,8 +198,8 @@ pub(super) async fn run(config: &Config, secs: u64, drain: Duration) -> anyhow::
             }
             anyhow::Ok(committed)
         });
-        let c = crate::db::connect(config, "herald-bench").await?;
-        let queue = crate::queue::Queue::from_config(config);
+        let c = herald::db::connect(config, "herald-bench").await?;
+        let queue = herald::queue::Queue::from_config(config);
         task_producers.spawn(async move {
             let mut ticker = tokio::time::interval_at(start + offset, period);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -227,7 +227,7 @@ pub(super) async fn run(config: &Config, secs: u64, drain: Duration) -> anyhow::
     }
     let produced_in = (tokio::time::Instant::now() - start).as_secs_f64();
     // The backlog the moment the producers are done.
-    let outbox_left = crate::stats::outbox_backlog(&client).await?.unpublished;
+    let outbox_left = herald::stats::outbox_backlog(&client).await?.unpublished;
     let tasks_left: i64 = client
         .query_one("SELECT count(*) FROM herald.tasks", &[])
         .await?
@@ -243,7 +243,7 @@ pub(super) async fn run(config: &Config, secs: u64, drain: Duration) -> anyhow::
             )
             .await?
             .get(0);
-        let outbox: i64 = crate::stats::outbox_backlog(&client).await?.unpublished;
+        let outbox: i64 = herald::stats::outbox_backlog(&client).await?.unpublished;
         if (done >= tasks.len() as i64 && outbox == 0) || Instant::now() > deadline {
             break;
         }

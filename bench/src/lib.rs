@@ -15,9 +15,9 @@ use anyhow::{bail, Context as _};
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::config::Config;
-use crate::outbox::{Event, Outbox};
-use crate::pubsub::{Delivery, Subscriber};
+use herald::config::Config;
+use herald::outbox::{Event, Outbox};
+use herald::pubsub::{Delivery, Subscriber};
 
 mod charts;
 mod mixed;
@@ -427,7 +427,7 @@ async fn machine_description(config: &Config) -> String {
         })
         .map(|kb| format!("{:.0} GiB", kb as f64 / 1024.0 / 1024.0))
         .unwrap_or_else(|| "unknown memory".into());
-    let pg = match crate::db::connect(config, "herald-bench").await {
+    let pg = match herald::db::connect(config, "herald-bench").await {
         Ok(c) => c
             .query_one("SHOW server_version", &[])
             .await
@@ -487,7 +487,7 @@ impl BenchDb {
         let mut config = base.clone();
         config.database_url = url.to_string();
         config.channel_prefix = format!("{}bench:{}:", base.channel_prefix, name);
-        crate::migrate::migrate(&config).await?;
+        herald::migrate::migrate(&config).await?;
         Ok(BenchDb {
             config,
             admin_url,
@@ -511,7 +511,7 @@ impl BenchDb {
 async fn admin_client(base: &Config, admin_url: &str) -> anyhow::Result<tokio_postgres::Client> {
     let mut config = base.clone();
     config.database_url = admin_url.to_string();
-    Ok(crate::db::connect(&config, "herald-bench").await?)
+    Ok(herald::db::connect(&config, "herald-bench").await?)
 }
 
 /// A `herald relay` or `herald worker` child process against the bench
@@ -600,7 +600,7 @@ async fn subscribe_all(
 /// O1: 10,000 one-event transactions through the Rust API, then through SQL.
 async fn o1(config: &Config) -> anyhow::Result<RunResult> {
     const N: usize = 10_000;
-    let mut client = crate::db::connect(config, "herald-bench").await?;
+    let mut client = herald::db::connect(config, "herald-bench").await?;
     let outbox = Outbox::from_config(config);
     let started = Instant::now();
     for i in 0..N {
@@ -638,7 +638,7 @@ async fn o2(config: &Config, large: bool) -> anyhow::Result<RunResult> {
         &[100_000]
     };
     for &n in sizes {
-        let client = crate::db::connect(config, "herald-bench").await?;
+        let client = herald::db::connect(config, "herald-bench").await?;
         client.batch_execute("TRUNCATE herald.outbox").await?;
         let outbox = Outbox::from_config(config);
         let mut batch = Vec::with_capacity(1000);
@@ -684,7 +684,7 @@ async fn o3(config: &Config, samples: &mut Samples) -> anyhow::Result<RunResult>
     let relay = HeraldProcess::relay(config)?;
     // Let the relay connect and park on LISTEN.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let client = crate::db::connect(config, "herald-bench").await?;
+    let client = herald::db::connect(config, "herald-bench").await?;
     let insert = client
         .prepare(
             "INSERT INTO herald.outbox (event_id, topic, key, partition, payload) \
@@ -754,7 +754,7 @@ async fn o3(config: &Config, samples: &mut Samples) -> anyhow::Result<RunResult>
 async fn o1c(config: &Config) -> anyhow::Result<RunResult> {
     const PRODUCERS: usize = 8;
     const SECS: u64 = 10;
-    let client = crate::db::connect(config, "herald-bench").await?;
+    let client = herald::db::connect(config, "herald-bench").await?;
     client
         .batch_execute("CREATE TABLE public.bench_outbox_plain (LIKE herald.outbox INCLUDING ALL)")
         .await?;
@@ -783,13 +783,13 @@ async fn o1c(config: &Config) -> anyhow::Result<RunResult> {
         // A LISTENing session holding the wake lock: a relay that sleeps
         // through the whole phase.
         let sleeper = if label == "with_trigger_relay_asleep" {
-            let c = crate::db::connect(config, "herald-bench").await?;
+            let c = herald::db::connect(config, "herald-bench").await?;
             c.execute(
                 "SELECT pg_advisory_lock($1, $2)",
-                &[&crate::relay::WAKE_LOCK.0, &crate::relay::WAKE_LOCK.1],
+                &[&herald::relay::WAKE_LOCK.0, &herald::relay::WAKE_LOCK.1],
             )
             .await?;
-            c.batch_execute(&format!("LISTEN {}", crate::relay::CHANNEL))
+            c.batch_execute(&format!("LISTEN {}", herald::relay::CHANNEL))
                 .await?;
             Some(c)
         } else {
@@ -801,7 +801,7 @@ async fn o1c(config: &Config) -> anyhow::Result<RunResult> {
         );
         let mut clients = Vec::new();
         for _ in 0..PRODUCERS {
-            let c = crate::db::connect(config, "herald-bench").await?;
+            let c = herald::db::connect(config, "herald-bench").await?;
             let stmt = c.prepare(&sql).await?;
             clients.push((c, stmt));
         }
@@ -906,8 +906,8 @@ async fn o4(config: &Config, samples: &mut Samples) -> anyhow::Result<RunResult>
 }
 
 /// A no-op task carrying its sequence number.
-fn seq_task(seq: i64) -> anyhow::Result<crate::queue::Task> {
-    Ok(crate::queue::Task::new(
+fn seq_task(seq: i64) -> anyhow::Result<herald::queue::Task> {
+    Ok(herald::queue::Task::new(
         "herald.noop",
         &json!({"seq": seq}),
     )?)
@@ -916,8 +916,8 @@ fn seq_task(seq: i64) -> anyhow::Result<crate::queue::Task> {
 /// Q1: 10,000 tasks, one enqueue transaction each, from one client.
 async fn q1(config: &Config) -> anyhow::Result<RunResult> {
     const N: i64 = 10_000;
-    let mut client = crate::db::connect(config, "herald-bench").await?;
-    let queue = crate::queue::Queue::from_config(config);
+    let mut client = herald::db::connect(config, "herald-bench").await?;
+    let queue = herald::queue::Queue::from_config(config);
     let started = Instant::now();
     for seq in 0..N {
         let tx = client.transaction().await?;
@@ -934,9 +934,9 @@ async fn q1(config: &Config) -> anyhow::Result<RunResult> {
 /// Q1b: 20,000 tasks through the bulk API, 1,000 per call.
 async fn q1b(config: &Config) -> anyhow::Result<RunResult> {
     const N: i64 = 20_000;
-    let client = crate::db::connect(config, "herald-bench").await?;
-    let queue = crate::queue::Queue::from_config(config);
-    let batches: Vec<Vec<crate::queue::Task>> = (0..N / 1000)
+    let client = herald::db::connect(config, "herald-bench").await?;
+    let queue = herald::queue::Queue::from_config(config);
+    let batches: Vec<Vec<herald::queue::Task>> = (0..N / 1000)
         .map(|b| (b * 1000..(b + 1) * 1000).map(seq_task).collect())
         .collect::<anyhow::Result<_>>()?;
     let started = Instant::now();
@@ -962,7 +962,7 @@ async fn settle(client: &tokio_postgres::Client, table: &str) -> anyhow::Result<
         .batch_execute(&format!("VACUUM ANALYZE {table}"))
         .await?;
     if let Err(e) = client.batch_execute("CHECKPOINT").await {
-        tracing::warn!(error = %crate::error::describe_pg(&e), "bench: CHECKPOINT before the run failed; a checkpoint may fall inside it");
+        tracing::warn!(error = %herald::error::describe_pg(&e), "bench: CHECKPOINT before the run failed; a checkpoint may fall inside it");
     }
     Ok(())
 }
@@ -971,8 +971,8 @@ async fn settle(client: &tokio_postgres::Client, table: &str) -> anyhow::Result<
 /// until the database holds none.
 async fn q2(config: &Config, args: &BenchArgs) -> anyhow::Result<RunResult> {
     const N: i64 = 20_000;
-    let client = crate::db::connect(config, "herald-bench").await?;
-    let queue = crate::queue::Queue::from_config(config);
+    let client = herald::db::connect(config, "herald-bench").await?;
+    let queue = herald::queue::Queue::from_config(config);
     for b in 0..N / 1000 {
         let batch: Vec<_> = (b * 1000..(b + 1) * 1000)
             .map(seq_task)
@@ -1053,7 +1053,7 @@ async fn drain_tasks(
 /// is written by one server-side `INSERT … SELECT` per 100,000 rows, the
 /// rows the bulk API writes for `seq_task` (no trace context: empty headers).
 async fn q2_scale(config: &Config, args: &BenchArgs) -> anyhow::Result<RunResult> {
-    let client = crate::db::connect(config, "herald-bench").await?;
+    let client = herald::db::connect(config, "herald-bench").await?;
     let fill = client
         .prepare(
             "INSERT INTO herald.tasks (queue, kind, payload) \
@@ -1105,7 +1105,7 @@ async fn q3(config: &Config, samples: &mut Samples) -> anyhow::Result<RunResult>
                 .enable_all()
                 .build()?;
             rt.block_on(async move {
-                let mut registry = crate::worker::Registry::new();
+                let mut registry = herald::worker::Registry::new();
                 registry.register("bench.q3", move |_ctx, p: serde_json::Value| {
                     let now = Instant::now();
                     let started_at = started_at.clone();
@@ -1118,8 +1118,8 @@ async fn q3(config: &Config, samples: &mut Samples) -> anyhow::Result<RunResult>
                         Ok(())
                     }
                 });
-                let pool = crate::db::pool(&config, "herald-bench-worker")?;
-                let worker = crate::worker::Worker::new(&config, pool, registry);
+                let pool = herald::db::pool(&config, "herald-bench-worker")?;
+                let worker = herald::worker::Worker::new(&config, pool, registry);
                 worker.run(stop).await?;
                 Ok(())
             })
@@ -1127,14 +1127,14 @@ async fn q3(config: &Config, samples: &mut Samples) -> anyhow::Result<RunResult>
     };
     // Let the worker connect and park on LISTEN.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let client = crate::db::connect(config, "herald-bench").await?;
-    let queue = crate::queue::Queue::from_config(config);
+    let client = herald::db::connect(config, "herald-bench").await?;
+    let queue = herald::queue::Queue::from_config(config);
     let mut committed: HashMap<i64, Instant> = HashMap::new();
     let mut ticker = tokio::time::interval(Duration::from_millis(5));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     for seq in 0..N {
         ticker.tick().await;
-        let task = crate::queue::Task::new("bench.q3", &json!({"seq": seq}))?;
+        let task = herald::queue::Task::new("bench.q3", &json!({"seq": seq}))?;
         // Autocommit: the statement's return is the COMMIT's return.
         queue.enqueue(&client, &task).await?;
         committed.insert(seq, Instant::now());
@@ -1217,7 +1217,7 @@ fn latency_figures(
 /// minus its nominal tick.
 async fn c1(config: &Config) -> anyhow::Result<RunResult> {
     const TICKS: i64 = 60;
-    let client = crate::db::connect(config, "herald-bench").await?;
+    let client = herald::db::connect(config, "herald-bench").await?;
     let mut schedulers = Vec::new();
     for _ in 0..3 {
         schedulers.push(HeraldProcess::spawn(config, &["scheduler"], &[])?);

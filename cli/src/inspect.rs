@@ -10,9 +10,9 @@ use clap::{Args, Subcommand};
 use comfy_table::{presets::NOTHING, Table};
 use serde::Serialize;
 
-use crate::config::Config;
-use crate::dlq;
-use crate::queue::{self, TaskFilter};
+use herald::config::Config;
+use herald::dlq;
+use herald::queue::{self, TaskFilter};
 
 #[derive(Debug, Subcommand)]
 pub enum TasksCommand {
@@ -131,8 +131,8 @@ pub struct StatsArgs {
 }
 
 async fn client(config: &Config) -> anyhow::Result<tokio_postgres::Client> {
-    let client = crate::db::connect(config, "herald-cli").await?;
-    crate::migrate::check_schema(&client).await?;
+    let client = herald::db::connect(config, "herald-cli").await?;
+    herald::migrate::check_schema(&client).await?;
     Ok(client)
 }
 
@@ -467,7 +467,7 @@ pub async fn stats(config: &Config, args: StatsArgs) -> anyhow::Result<()> {
     let client = client(config).await?;
     let shutdown = args.watch.map(|_| super::shutdown_signal());
     loop {
-        let snap = crate::stats::snapshot(&client).await?;
+        let snap = herald::stats::snapshot(&client).await?;
         if args.json {
             json_line(&snap)?;
         } else {
@@ -486,7 +486,7 @@ pub async fn stats(config: &Config, args: StatsArgs) -> anyhow::Result<()> {
     }
 }
 
-fn print_stats(s: &crate::stats::Snapshot) {
+fn print_stats(s: &herald::stats::Snapshot) {
     println!("tasks");
     if s.queues.is_empty() {
         println!("  no tasks");

@@ -1,21 +1,22 @@
 //! The `herald` command line: parses arguments, loads the configuration and
 //! runs one command. It owns user-facing messages and signal handling; the
-//! work itself is done by the library modules.
+//! work itself is done by the `herald` library, and `herald bench` by the
+//! `herald-bench` crate.
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::process::ExitCode;
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-use crate::outbox::Event;
-use crate::pubsub::{Delivery, Subscriber};
-use crate::relay::Relay;
+use herald::config::Config;
+use herald::outbox::Event;
+use herald::pubsub::{Delivery, Subscriber};
 
 mod events;
 mod inspect;
+mod schedules;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -86,7 +87,7 @@ then hand the rest back to the queue.\n\nExample:\n  herald worker --queues defa
         #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
         priority: i32,
         /// Attempts before the task becomes a dead letter.
-        #[arg(long, default_value_t = crate::queue::DEFAULT_MAX_ATTEMPTS, allow_negative_numbers = true)]
+        #[arg(long, default_value_t = herald::queue::DEFAULT_MAX_ATTEMPTS, allow_negative_numbers = true)]
         max_attempts: i32,
         /// Return the unfinished task holding this key instead of a new one.
         #[arg(long)]
@@ -177,7 +178,7 @@ as many as you like: each tick fires once across all of them.\n\nExample:\n  her
 
     /// List, add, remove, pause, resume and trigger cron schedules.
     #[command(subcommand)]
-    Schedules(crate::cron::SchedulesCommand),
+    Schedules(schedules::SchedulesCommand),
 
     /// Print the effective configuration (TOML) with secrets masked.
     #[command(after_help = "Example:\n  HERALD_PARTITIONS=32 herald config")]
@@ -192,19 +193,30 @@ soak, runs only when named and writes a section of its own.\n\n\
 Examples:\n  herald bench all --runs 3 --large --write docs/benchmarks.md\n  \
 herald bench S1 --write docs/benchmarks.md\n  herald bench S1 --duration 60s"
     )]
-    Bench(crate::bench::BenchArgs),
+    Bench(herald_bench::BenchArgs),
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run_cli().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("herald: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 /// Parse arguments, run the command; errors carry their context chain.
-pub async fn main() -> anyhow::Result<()> {
+async fn run_cli() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = Config::load(cli.config.as_deref()).context("loading the configuration")?;
-    crate::telemetry::init(config.log_format);
+    herald::telemetry::init(config.log_format);
     // Flushes spans still buffered for OTLP when main returns, error or not.
-    let _telemetry = crate::telemetry::ShutdownOnDrop;
+    let _telemetry = herald::telemetry::ShutdownOnDrop;
     match cli.command {
         Command::Migrate => {
-            let report = crate::migrate::migrate(&config)
+            let report = herald::migrate::migrate(&config)
                 .await
                 .context("migrating the database")?;
             if report.applied.is_empty() {
@@ -243,7 +255,7 @@ pub async fn main() -> anyhow::Result<()> {
             };
             run(&config, services).await?
         }
-        Command::Schedules(command) => crate::cron::run_schedules_command(&config, command).await?,
+        Command::Schedules(command) => schedules::run_schedules_command(&config, command).await?,
         Command::Worker {
             queues,
             concurrency,
@@ -272,7 +284,7 @@ pub async fn main() -> anyhow::Result<()> {
             unique_key,
             timeout,
         } => {
-            let mut task = crate::queue::Task::from_json_str(&kind, &json)?
+            let mut task = herald::queue::Task::from_json_str(&kind, &json)?
                 .queue(queue)
                 .priority(priority)
                 .max_attempts(max_attempts);
@@ -285,8 +297,8 @@ pub async fn main() -> anyhow::Result<()> {
             if let Some(t) = timeout {
                 task = task.timeout(t);
             }
-            let client = crate::db::connect(&config, "herald-cli").await?;
-            let id = crate::queue::Queue::from_config(&config)
+            let client = herald::db::connect(&config, "herald-cli").await?;
+            let id = herald::queue::Queue::from_config(&config)
                 .enqueue(&client, &task)
                 .await
                 .context("enqueueing the task")?;
@@ -313,14 +325,14 @@ pub async fn main() -> anyhow::Result<()> {
             }
             // Checked against the catalog, and sent the way its type says
             // (building the Redis pool opens no connection).
-            let redis = crate::pubsub::redis_pool(&config)?;
-            let publisher = crate::events::Publisher::new(&config, Some(redis))?;
+            let redis = herald::pubsub::redis_pool(&config)?;
+            let publisher = herald::events::Publisher::new(&config, Some(redis))?;
             let id = if publisher.catalog().delivery(event.topic())
-                == crate::events::DeliveryMode::FireAndForget
+                == herald::events::DeliveryMode::FireAndForget
             {
                 publisher.emit(&event).await
             } else {
-                let client = crate::db::connect(&config, "herald-cli").await?;
+                let client = herald::db::connect(&config, "herald-cli").await?;
                 publisher.publish(&client, &event).await
             }
             .context("publishing the event")?;
@@ -333,7 +345,7 @@ pub async fn main() -> anyhow::Result<()> {
         Command::Events(command) => events::events(&config, command)?,
         Command::Subscriptions(command) => events::subscriptions(&config, command).await?,
         Command::Config => print!("{}", config.to_masked_toml()),
-        Command::Bench(args) => crate::bench::run(&config, args).await?,
+        Command::Bench(args) => herald_bench::run(&config, args).await?,
     }
     Ok(())
 }
@@ -416,91 +428,14 @@ async fn run(config: &Config, which: Services) -> anyhow::Result<()> {
         scheduler,
         admin,
     } = which;
-    if admin {
-        // Before migrating or connecting: a wrong bind fails at once.
-        crate::admin::check_bind(config)?;
-        crate::telemetry::init_metrics();
-    }
-    let shutdown = shutdown_signal();
-    if config.migrate_on_start {
-        crate::migrate::migrate(config).await.context(
-            "migrating the database at start (disable with HERALD_MIGRATE_ON_START=false)",
-        )?;
-    }
-    let pool = crate::db::pool(config, "herald")?;
-    let redis = crate::pubsub::redis_pool(config)?;
-    // Fail fast on a wrong URL instead of backing off forever.
-    {
-        let client = pool.get().await.with_context(|| {
-            format!(
-                "connecting to {}",
-                crate::config::mask_url(&config.database_url)
-            )
-        })?;
-        crate::migrate::check_schema(&client).await?;
-    }
-    if relay {
-        let mut client = crate::db::connect(config, "herald").await?;
-        crate::subscriptions::sync_config(&mut client, &config.subscriptions)
-            .await
-            .context("syncing [[subscriptions]] to herald.subscriptions")?;
-    }
-    let mut services = tokio::task::JoinSet::new();
-    // What /readyz waits for: the LISTEN connection of each service here.
-    let readiness = crate::admin::Readiness::default();
-    let mut roles = Vec::new();
-    if relay {
-        if let Err(e) = redis.get().await {
-            tracing::warn!(
-                error = %e,
-                url = %crate::config::mask_url(&config.redis_url),
-                "Redis does not answer yet; the relay keeps events in the outbox and retries"
-            );
-        }
-        // A pool of its own (connections open on demand): the relay's
-        // claims never queue behind the workers' for a connection.
-        let relay_pool = crate::db::pool(config, "herald-relay")?;
-        let relay = Relay::new(config, relay_pool, redis.clone());
-        let stats = relay.stats();
-        readiness.listener("relay", move || stats.listening.load(Ordering::Relaxed));
-        roles.push(crate::nodes::Role::Relay);
-        services.spawn(relay.run(shutdown.clone()));
-    }
-    if scheduler {
-        let scheduler = crate::cron::Scheduler::new(config, pool.clone());
-        let stats = scheduler.stats();
-        readiness.listener("scheduler", move || stats.listening.load(Ordering::Relaxed));
-        roles.push(crate::nodes::Role::Scheduler);
-        services.spawn(scheduler.run(shutdown.clone()));
-    }
+    let mut herald = herald::Herald::builder(config)
+        .relay(relay)
+        .scheduler(scheduler)
+        .admin(admin);
     if workers {
-        let worker =
-            crate::worker::Worker::new(config, pool.clone(), crate::worker::Registry::new());
-        let stats = worker.stats();
-        readiness.listener("worker", move || stats.listening.load(Ordering::Relaxed));
-        roles.push(crate::nodes::Role::Worker);
-        services.spawn(worker.run(shutdown.clone()));
+        herald = herald.workers(herald::worker::Registry::new());
     }
-    if admin {
-        let mut state = crate::admin::AdminState::new(config.clone(), pool.clone(), redis);
-        state.readiness = readiness;
-        roles.push(crate::nodes::Role::Admin);
-        services.spawn(crate::admin::serve(state, shutdown.clone()));
-    }
-    if !roles.is_empty() {
-        // One row in herald.nodes for this process, heartbeating until shutdown.
-        let node = crate::nodes::Node::new(config, &roles);
-        services.spawn(node.run(pool, shutdown.clone()));
-    }
-    while let Some(done) = services.join_next().await {
-        // One service failing stops the others: the process exits non-zero
-        // and its supervisor restarts it.
-        if let Err(e) = done.context("a service panicked")? {
-            shutdown.cancel();
-            while services.join_next().await.is_some() {}
-            return Err(e.into());
-        }
-    }
+    herald.run(shutdown_signal()).await?;
     Ok(())
 }
 

@@ -1,0 +1,230 @@
+//! [`Herald::builder`]: the services of one process, wired and started
+//! together — what `herald run` does, for an application that wants Herald's
+//! relay, workers, scheduler or admin server inside its own process.
+//!
+//! It owns the start-up order (migrate, check the schema, sync configured
+//! subscriptions, then start the services), the process's row in
+//! `herald.nodes`, and the rule that one service failing stops the others.
+//! It must never start a service before the schema check passed, and never
+//! hold a statement of its own: every query belongs to the services it
+//! starts.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use herald::{Config, Herald, Registry};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! let config = Config::load(None)?;
+//! let mut registry = Registry::new();
+//! registry.register("email.send", |_ctx, _payload: serde_json::Value| async { Ok(()) });
+//! let shutdown = CancellationToken::new();
+//! Herald::builder(&config)
+//!     .relay(true)
+//!     .scheduler(true)
+//!     .workers(registry)
+//!     .run(shutdown)
+//!     .await?;
+//! # Ok(())
+//! # }
+//! ```
+
+#[cfg(feature = "admin")]
+use std::sync::atomic::Ordering;
+
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{mask_url, Config};
+use crate::error::{Error, Result};
+use crate::nodes::{Node, Role};
+use crate::worker::Registry;
+
+/// The services to run in this process; built by [`Herald::builder`].
+#[must_use = "a builder does nothing until `start` or `run`"]
+pub struct HeraldBuilder {
+    config: Config,
+    relay: bool,
+    scheduler: bool,
+    workers: Option<Registry>,
+    #[cfg(feature = "admin")]
+    admin: bool,
+}
+
+/// The services of this process, started; [`Herald::wait`] for them.
+pub struct Herald {
+    services: JoinSet<Result<()>>,
+    shutdown: CancellationToken,
+}
+
+impl Herald {
+    /// Start describing the services of this process; none is on yet.
+    pub fn builder(config: &Config) -> HeraldBuilder {
+        HeraldBuilder {
+            config: config.clone(),
+            relay: false,
+            scheduler: false,
+            workers: None,
+            #[cfg(feature = "admin")]
+            admin: false,
+        }
+    }
+
+    /// Wait until every service has stopped (after the shutdown token is
+    /// cancelled). The first service that fails cancels the others, and its
+    /// error is returned once they have stopped.
+    pub async fn wait(mut self) -> Result<()> {
+        while let Some(done) = self.services.join_next().await {
+            let outcome = match done {
+                Ok(outcome) => outcome,
+                Err(panic) => Err(Error::Other(format!("a service panicked: {panic}"))),
+            };
+            if let Err(e) = outcome {
+                self.shutdown.cancel();
+                while self.services.join_next().await.is_some() {}
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An error and its sources, as one line ("a: b: c").
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(s) = source {
+        out.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    out
+}
+
+impl HeraldBuilder {
+    /// Relay committed events from `herald.outbox` to Redis.
+    pub fn relay(mut self, on: bool) -> Self {
+        self.relay = on;
+        self
+    }
+
+    /// Fire cron schedules (`herald.schedules`).
+    pub fn scheduler(mut self, on: bool) -> Self {
+        self.scheduler = on;
+        self
+    }
+
+    /// Run tasks with these handlers (plus Herald's own: webhooks).
+    pub fn workers(mut self, registry: Registry) -> Self {
+        self.workers = Some(registry);
+        self
+    }
+
+    /// Serve `/metrics`, `/healthz`, `/readyz` and the dashboard on
+    /// `admin.bind`.
+    #[cfg(feature = "admin")]
+    pub fn admin(mut self, on: bool) -> Self {
+        self.admin = on;
+        self
+    }
+
+    /// Migrate (when `migrate_on_start`), check the schema, then start the
+    /// chosen services; they stop when `shutdown` is cancelled.
+    pub async fn start(self, shutdown: CancellationToken) -> Result<Herald> {
+        let config = self.config;
+        #[cfg(feature = "admin")]
+        if self.admin {
+            // Before migrating or connecting: a wrong bind fails at once.
+            crate::admin::check_bind(&config)?;
+            crate::telemetry::init_metrics();
+        }
+        if config.migrate_on_start {
+            crate::migrate::migrate(&config)
+                .await
+                .map_err(|e| Error::Startup {
+                    context: "migrating the database at start (disable with HERALD_MIGRATE_ON_START=false)".into(),
+                    error: Box::new(e),
+                })?;
+        }
+        let pool = crate::db::pool(&config, "herald")?;
+        let redis = crate::pubsub::redis_pool(&config)?;
+        {
+            // Fail fast on a wrong URL instead of backing off forever.
+            let client = pool.get().await.map_err(|e| Error::Startup {
+                context: format!("connecting to {}", mask_url(&config.database_url)),
+                error: Box::new(Error::Other(chain(&e))),
+            })?;
+            crate::migrate::check_schema(&client).await?;
+        }
+        if self.relay {
+            let mut client = crate::db::connect(&config, "herald").await?;
+            crate::subscriptions::sync_config(&mut client, &config.subscriptions)
+                .await
+                .map_err(|e| Error::Startup {
+                    context: "syncing [[subscriptions]] to herald.subscriptions".into(),
+                    error: Box::new(e),
+                })?;
+        }
+
+        let mut services = JoinSet::new();
+        #[cfg(feature = "admin")]
+        let readiness = crate::admin::Readiness::default();
+        let mut roles = Vec::new();
+        if self.relay {
+            if let Err(e) = redis.get().await {
+                tracing::warn!(
+                    error = %e,
+                    url = %mask_url(&config.redis_url),
+                    "Redis does not answer yet; the relay keeps events in the outbox and retries"
+                );
+            }
+            // A pool of its own (connections open on demand): the relay's
+            // claims never queue behind the workers' for a connection.
+            let relay_pool = crate::db::pool(&config, "herald-relay")?;
+            let relay = crate::relay::Relay::new(&config, relay_pool, redis.clone());
+            #[cfg(feature = "admin")]
+            {
+                let stats = relay.stats();
+                readiness.listener("relay", move || stats.listening.load(Ordering::Relaxed));
+            }
+            roles.push(Role::Relay);
+            services.spawn(relay.run(shutdown.clone()));
+        }
+        if self.scheduler {
+            let scheduler = crate::cron::Scheduler::new(&config, pool.clone());
+            #[cfg(feature = "admin")]
+            {
+                let stats = scheduler.stats();
+                readiness.listener("scheduler", move || stats.listening.load(Ordering::Relaxed));
+            }
+            roles.push(Role::Scheduler);
+            services.spawn(scheduler.run(shutdown.clone()));
+        }
+        if let Some(registry) = self.workers {
+            let worker = crate::worker::Worker::new(&config, pool.clone(), registry);
+            #[cfg(feature = "admin")]
+            {
+                let stats = worker.stats();
+                readiness.listener("worker", move || stats.listening.load(Ordering::Relaxed));
+            }
+            roles.push(Role::Worker);
+            services.spawn(worker.run(shutdown.clone()));
+        }
+        #[cfg(feature = "admin")]
+        if self.admin {
+            let mut state = crate::admin::AdminState::new(config.clone(), pool.clone(), redis);
+            state.readiness = readiness;
+            roles.push(Role::Admin);
+            services.spawn(crate::admin::serve(state, shutdown.clone()));
+        }
+        if !roles.is_empty() {
+            // One row in herald.nodes for this process, heartbeating until shutdown.
+            let node = Node::new(&config, &roles);
+            services.spawn(node.run(pool, shutdown.clone()));
+        }
+        Ok(Herald { services, shutdown })
+    }
+
+    /// [`start`](Self::start), then [`Herald::wait`].
+    pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        self.start(shutdown).await?.wait().await
+    }
+}
