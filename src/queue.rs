@@ -15,8 +15,8 @@ use tokio_postgres::GenericClient;
 
 use crate::error::{Context, Error, Result};
 use crate::outbox::DEFAULT_MAX_PAYLOAD_BYTES;
-use crate::store::tasks::{self, NewTask};
 pub use crate::store::tasks::TaskState;
+use crate::store::tasks::{self, NewTask};
 use crate::telemetry::names::event;
 use crate::telemetry::names::metric::TASKS_ENQUEUED;
 
@@ -294,10 +294,8 @@ impl Queue {
         let inserted = tasks::insert_batch(client, &rows).await?;
         count_enqueued(tasks);
         // Identity values grow in insertion order, which follows the input.
-        let mut inserted: Vec<(i64, Option<String>)> = inserted
-            .into_iter()
-            .map(|r| (r.id, r.unique_key))
-            .collect();
+        let mut inserted: Vec<(i64, Option<String>)> =
+            inserted.into_iter().map(|r| (r.id, r.unique_key)).collect();
         inserted.sort_by_key(|(id, _)| *id);
         let mut by_key: std::collections::HashMap<String, i64> = inserted
             .iter()

@@ -102,8 +102,11 @@ macro_rules! on_unique_key_do_nothing {
 }
 
 /// The predicate of the `tasks_unique_key` index, as written here.
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) const UNIQUE_KEY_PREDICATE: &str = unique_key_predicate!();
-/// The arbiter every insert with a unique key uses.
+/// The arbiter every insert with a unique key uses (cron's and the
+/// relay's statements are to take it from here).
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) const ON_UNIQUE_KEY_DO_NOTHING: &str = on_unique_key_do_nothing!();
 
 // ------------------------------------------------------------- insert
@@ -506,7 +509,10 @@ FROM herald.tasks WHERE state = 'ready' AND queue = $1";
 
 /// Seconds until the earliest ready task of `queue` is due (≤ 0: due now;
 /// `None`: none is ready).
-pub(crate) async fn next_due(client: &deadpool_postgres::Object, queue: &str) -> Result<Option<f64>> {
+pub(crate) async fn next_due(
+    client: &deadpool_postgres::Object,
+    queue: &str,
+) -> Result<Option<f64>> {
     let stmt = client
         .prepare_cached(NEXT_DUE)
         .await
@@ -669,7 +675,8 @@ pub(crate) async fn record_progress<C: GenericClient + Sync>(
 
 // ------------------------------------------------------------- fail, requeue, cancel
 
-const FAIL: &str = "SELECT herald.fail_task($1, $2, $3, $4, now() + make_interval(secs => $5), $6) \
+const FAIL: &str =
+    "SELECT herald.fail_task($1, $2, $3, $4, now() + make_interval(secs => $5), $6) \
      AS outcome";
 
 /// What `herald.fail_task` made of a failed attempt.
@@ -938,6 +945,9 @@ mod tests {
             .await
             .expect("dropping the database");
         let (live, ours) = checked.expect("comparing the predicates");
-        assert_eq!(live, ours, "ON_UNIQUE_KEY_DO_NOTHING drifted from tasks_unique_key");
+        assert_eq!(
+            live, ours,
+            "ON_UNIQUE_KEY_DO_NOTHING drifted from tasks_unique_key"
+        );
     }
 }
