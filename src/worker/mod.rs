@@ -24,8 +24,8 @@
 //! holds: every write names the task's id, attempt and this worker's id. It
 //! must never let a handler run past the point where another worker may
 //! take its task.
-
-//! Files, in the order a task passes through them: [`registry`] (handlers
+//!
+//! Files, in the order a task passes through them: `registry` (handlers
 //! and what they get and return), `producer` (claims), `executor` (runs one
 //! handler), `completer` (writes outcomes; `retry` decides when a failed
 //! attempt runs again, `outcomes` counts them), `heartbeat` and `lease`
