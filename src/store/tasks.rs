@@ -382,6 +382,57 @@ pub(crate) async fn copy_in<C: GenericClient + Sync>(
     Ok(ids)
 }
 
+// ------------------------------------------------------------- fan-out
+
+// One task per (event, matching enabled durable subscription), in event
+// order; the task's payload is the envelope. The relay runs it in its
+// claim's transaction, so the tasks exist exactly when the events leave the
+// outbox. (The relay's src/relay.rs still holds its own copy until it calls
+// this; its CLAIM statement's `fan_out_rows!` CTE is the other fan-out
+// insert.)
+#[allow(dead_code)] // until the relay uses it
+pub(crate) const FAN_OUT: &str = "
+INSERT INTO herald.tasks (queue, kind, payload, headers, max_attempts, timeout)
+SELECT s.queue, s.kind, e.env,
+       jsonb_build_object('herald_subscription', s.name, 'herald_event_id', e.env->>'id',
+                          'herald_topic', e.topic)
+         || CASE WHEN e.env->'headers' ? 'traceparent'
+                 THEN jsonb_build_object('traceparent', e.env->'headers'->'traceparent')
+                 ELSE '{}'::jsonb END,
+       s.max_attempts, s.timeout
+FROM (SELECT topic, env::jsonb AS env, ord
+      FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(topic, env, ord)) AS e
+JOIN herald.subscriptions s ON s.enabled AND e.topic LIKE s.topic_like
+ORDER BY e.ord, s.name";
+
+/// Insert the durable subscriptions' tasks for events (`topics[i]`, with
+/// envelope JSON `envelopes[i]`) through `client` (the claim's
+/// transaction); returns how many tasks. A caller with a statement cache
+/// prepares [`FAN_OUT`] itself.
+#[allow(dead_code)] // until the relay calls it
+pub(crate) async fn fan_out<C: GenericClient + Sync>(
+    client: &C,
+    topics: &[&str],
+    envelopes: &[&str],
+) -> Result<u64> {
+    client
+        .execute(FAN_OUT, &[&topics, &envelopes])
+        .await
+        .context("inserting tasks for durable subscriptions")
+}
+
+const NOTIFY_WORKERS: &str = concat!("NOTIFY ", notify_channel!());
+
+/// Wake idle workers when the caller's transaction commits, for inserts
+/// that silenced the tasks trigger (the relay's fan-out).
+#[allow(dead_code)] // until the relay calls it
+pub(crate) async fn notify_workers<C: GenericClient + Sync>(client: &C) -> Result<()> {
+    client
+        .batch_execute(NOTIFY_WORKERS)
+        .await
+        .context("notifying workers of fanned-out tasks")
+}
+
 // ------------------------------------------------------------- cancel
 
 const CANCEL: &str = "SELECT herald.cancel_task($1) AS outcome";
