@@ -11,11 +11,12 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Map, Value};
-use tokio_postgres::types::Type;
 use tokio_postgres::GenericClient;
 
 use crate::error::{Context, Error, Result};
 use crate::outbox::DEFAULT_MAX_PAYLOAD_BYTES;
+pub use crate::store::tasks::TaskState;
+use crate::store::tasks::{self, NewTask};
 use crate::telemetry::names::event;
 use crate::telemetry::names::metric::TASKS_ENQUEUED;
 
@@ -183,6 +184,23 @@ impl Task {
     fn headers_json(&self, traceparent: Option<&str>) -> String {
         crate::telemetry::headers_json_with(&self.headers, traceparent)
     }
+
+    /// The row to insert, with `traceparent` added to the headers when the
+    /// task has none.
+    fn new_task(&self, traceparent: Option<&str>) -> NewTask<'_> {
+        NewTask {
+            queue: &self.queue,
+            kind: &self.kind,
+            payload: &self.payload,
+            headers: self.headers_json(traceparent),
+            priority: self.priority,
+            run_at: self.run_at,
+            delay_secs: self.delay.as_secs_f64(),
+            max_attempts: self.max_attempts,
+            unique_key: self.unique_key.as_deref(),
+            timeout_secs: self.timeout.map(|t| t.as_secs_f64()),
+        }
+    }
 }
 
 /// Names of kinds and queues: letters, digits, `.`, `_`, `-`, `:`.
@@ -199,90 +217,9 @@ pub fn validate_name(what: &str, name: &str, max: usize) -> Result<()> {
     Err(Error::InvalidTask(format!("{what} {name:?}: {reason}")))
 }
 
-// One round trip, also for a unique key already held: the second branch
-// returns the holder's id. It cannot see a holder committed after this
-// statement's snapshot began, so the caller retries when neither branch
-// returns a row.
-const ENQUEUE_ONE: &str = "
-WITH ins AS (
-    INSERT INTO herald.tasks (queue, kind, payload, headers, priority, run_at, max_attempts, unique_key, timeout)
-    VALUES ($1, $2, $3::text::jsonb, $4::text::jsonb, $5,
-            coalesce($6, now()) + make_interval(secs => $7), $8, $9, make_interval(secs => $10))
-    ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state IN ('ready', 'running')
-    DO NOTHING
-    RETURNING id
-)
-SELECT id FROM ins
-UNION ALL
-SELECT id FROM herald.tasks
-WHERE $9::text IS NOT NULL AND unique_key = $9 AND state IN ('ready', 'running')
-  AND NOT EXISTS (SELECT 1 FROM ins)
-LIMIT 1";
-
-// A task without a unique key cannot conflict: the plain INSERT is the
-// same statement without the ON CONFLICT arbiter and the lookup branch,
-// whose parse and plan made every single enqueue cost 0.34 ms of server
-// time against 0.24 (pgbench, extended protocol, synchronous_commit off).
-// It takes ENQUEUE_ONE's parameters, leaving out $9 (the null unique key),
-// and always returns the row.
-const ENQUEUE_PLAIN: &str = "
-INSERT INTO herald.tasks (queue, kind, payload, headers, priority, run_at, max_attempts, timeout)
-VALUES ($1, $2, $3::text::jsonb, $4::text::jsonb, $5,
-        coalesce($6, now()) + make_interval(secs => $7), $8, make_interval(secs => $10))
-RETURNING id";
-
-const ENQUEUE_BATCH: &str = "
-INSERT INTO herald.tasks (queue, kind, payload, headers, priority, run_at, max_attempts, unique_key, timeout)
-SELECT x.queue, x.kind, x.payload::jsonb, x.headers::jsonb, x.priority,
-       coalesce(x.run_at, now()) + make_interval(secs => x.delay), x.max_attempts, x.unique_key,
-       make_interval(secs => x.timeout)
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::timestamptz[],
-            $7::float8[], $8::int[], $9::text[], $10::float8[])
-     WITH ORDINALITY AS x(queue, kind, payload, headers, priority, run_at, delay, max_attempts,
-                          unique_key, timeout, ord)
-ORDER BY x.ord
-ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state IN ('ready', 'running')
-DO NOTHING
-RETURNING id, unique_key";
-
-// Batches without unique keys, delays, run_at or timeouts, the common bulk
-// case, take the COPY path: ids are reserved from the identity's sequence in
-// one statement, then the rows go in by binary COPY (no SQL text to parse,
-// no planning, no speculative insertion for ON CONFLICT). COPY writes the
-// given ids, as INSERT … OVERRIDING SYSTEM VALUE would; run_at and the rest
-// take their defaults, on the database's clock.
-const RESERVE_IDS: &str = "SELECT nextval('herald.tasks_id_seq') FROM generate_series(1, $1::int)";
-const COPY_TASKS: &str =
-    "COPY herald.tasks (id, queue, kind, payload, headers, priority, max_attempts) \
-     FROM STDIN (FORMAT binary)";
 /// Below this many tasks the two extra round trips of COPY cost more than
 /// they save.
 const COPY_MIN_TASKS: usize = 64;
-
-/// JSON text sent as binary jsonb (a version byte, then the text), so the
-/// server parses it once and the client not at all.
-#[derive(Debug)]
-struct JsonbText<'a>(&'a str);
-
-impl tokio_postgres::types::ToSql for JsonbText<'_> {
-    fn to_sql(
-        &self,
-        _ty: &Type,
-        out: &mut bytes::BytesMut,
-    ) -> std::result::Result<tokio_postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>>
-    {
-        out.extend_from_slice(&[1]);
-        out.extend_from_slice(self.0.as_bytes());
-        Ok(tokio_postgres::types::IsNull::No)
-    }
-
-    tokio_postgres::types::accepts!(JSONB);
-    tokio_postgres::types::to_sql_checked!();
-}
-
-const HOLDERS: &str = "
-SELECT unique_key, id FROM herald.tasks
-WHERE unique_key = ANY($1) AND state IN ('ready', 'running')";
 
 /// Enqueues with a configured payload limit; the free functions use the
 /// default one.
@@ -313,38 +250,9 @@ impl Queue {
     pub async fn enqueue<C: GenericClient + Sync>(&self, client: &C, task: &Task) -> Result<i64> {
         task.check(self.max_payload_bytes)?;
         let traceparent = crate::telemetry::current_traceparent();
-        let headers = task.headers_json(traceparent.as_deref());
-        let delay = task.delay.as_secs_f64();
-        let timeout = task.timeout.map(|t| t.as_secs_f64());
-        let sql = if task.unique_key.is_none() {
-            ENQUEUE_PLAIN
-        } else {
-            ENQUEUE_ONE
-        };
+        let row = task.new_task(traceparent.as_deref());
         for _ in 0..5 {
-            let row = client
-                .query_typed_opt(
-                    sql,
-                    &[
-                        (&task.queue, Type::TEXT),
-                        (&task.kind, Type::TEXT),
-                        (&task.payload, Type::TEXT),
-                        (&headers, Type::TEXT),
-                        (&task.priority, Type::INT4),
-                        (&task.run_at, Type::TIMESTAMPTZ),
-                        (&delay, Type::FLOAT8),
-                        (&task.max_attempts, Type::INT4),
-                        (&task.unique_key, Type::TEXT),
-                        (&timeout, Type::FLOAT8),
-                    ],
-                )
-                .await
-                .context(format!(
-                    "enqueueing task kind {:?} into herald.tasks",
-                    task.kind
-                ))?;
-            if let Some(row) = row {
-                let id: i64 = row.get(0);
+            if let Some(id) = tasks::insert(client, &row).await? {
                 metrics::counter!(TASKS_ENQUEUED, "queue" => task.queue.clone()).increment(1);
                 tracing::debug!(
                     event = event::TASK_ENQUEUED,
@@ -378,49 +286,16 @@ impl Queue {
         if tasks.len() >= COPY_MIN_TASKS && tasks.iter().all(Task::plain) {
             return copy_batch(client, tasks).await;
         }
-        let queues: Vec<&str> = tasks.iter().map(|t| t.queue.as_str()).collect();
-        let kinds: Vec<&str> = tasks.iter().map(|t| t.kind.as_str()).collect();
-        let payloads: Vec<&str> = tasks.iter().map(|t| t.payload.as_str()).collect();
         let traceparent = crate::telemetry::current_traceparent();
-        let headers: Vec<String> = tasks
+        let rows: Vec<NewTask> = tasks
             .iter()
-            .map(|t| t.headers_json(traceparent.as_deref()))
+            .map(|t| t.new_task(traceparent.as_deref()))
             .collect();
-        let priorities: Vec<i32> = tasks.iter().map(|t| t.priority).collect();
-        let run_ats: Vec<Option<DateTime<Utc>>> = tasks.iter().map(|t| t.run_at).collect();
-        let delays: Vec<f64> = tasks.iter().map(|t| t.delay.as_secs_f64()).collect();
-        let max_attempts: Vec<i32> = tasks.iter().map(|t| t.max_attempts).collect();
-        let unique_keys: Vec<Option<&str>> =
-            tasks.iter().map(|t| t.unique_key.as_deref()).collect();
-        let timeouts: Vec<Option<f64>> = tasks
-            .iter()
-            .map(|t| t.timeout.map(|d| d.as_secs_f64()))
-            .collect();
-        let rows = client
-            .query_typed(
-                ENQUEUE_BATCH,
-                &[
-                    (&queues, Type::TEXT_ARRAY),
-                    (&kinds, Type::TEXT_ARRAY),
-                    (&payloads, Type::TEXT_ARRAY),
-                    (&headers, Type::TEXT_ARRAY),
-                    (&priorities, Type::INT4_ARRAY),
-                    (&run_ats, Type::TIMESTAMPTZ_ARRAY),
-                    (&delays, Type::FLOAT8_ARRAY),
-                    (&max_attempts, Type::INT4_ARRAY),
-                    (&unique_keys, Type::TEXT_ARRAY),
-                    (&timeouts, Type::FLOAT8_ARRAY),
-                ],
-            )
-            .await
-            .context(format!(
-                "enqueueing {} tasks into herald.tasks",
-                tasks.len()
-            ))?;
+        let inserted = tasks::insert_batch(client, &rows).await?;
         count_enqueued(tasks);
         // Identity values grow in insertion order, which follows the input.
         let mut inserted: Vec<(i64, Option<String>)> =
-            rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            inserted.into_iter().map(|r| (r.id, r.unique_key)).collect();
         inserted.sort_by_key(|(id, _)| *id);
         let mut by_key: std::collections::HashMap<String, i64> = inserted
             .iter()
@@ -432,13 +307,7 @@ impl Queue {
             .filter(|k| !by_key.contains_key(*k))
             .collect();
         if !missing.is_empty() {
-            for row in client
-                .query(HOLDERS, &[&missing])
-                .await
-                .context("looking up the holders of unique keys")?
-            {
-                by_key.insert(row.get(0), row.get(1));
-            }
+            by_key.extend(tasks::holders(client, &missing).await?);
         }
         let mut plain = inserted
             .iter()
@@ -463,51 +332,12 @@ impl Queue {
 /// [`Queue::enqueue_batch`]'s COPY path, for tasks that are all
 /// [`Task::plain`].
 async fn copy_batch<C: GenericClient + Sync>(client: &C, tasks: &[Task]) -> Result<Vec<i64>> {
-    use futures_util::pin_mut;
-    use tokio_postgres::binary_copy::BinaryCopyInWriter;
-    let n = i32::try_from(tasks.len())
-        .map_err(|_| Error::Other(format!("a batch of {} tasks is too large", tasks.len())))?;
-    let ids: Vec<i64> = client
-        .query(RESERVE_IDS, &[&n])
-        .await
-        .context(format!("reserving {n} task ids"))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let what = || format!("enqueueing {} tasks into herald.tasks by COPY", tasks.len());
-    // A transaction's client() is its connection, still inside it.
-    let sink = client.client().copy_in(COPY_TASKS).await.context(what())?;
-    let writer = BinaryCopyInWriter::new(
-        sink,
-        &[
-            Type::INT8,
-            Type::TEXT,
-            Type::TEXT,
-            Type::JSONB,
-            Type::JSONB,
-            Type::INT4,
-            Type::INT4,
-        ],
-    );
-    pin_mut!(writer);
     let traceparent = crate::telemetry::current_traceparent();
-    for (task, id) in tasks.iter().zip(&ids) {
-        let headers = task.headers_json(traceparent.as_deref());
-        writer
-            .as_mut()
-            .write(&[
-                id,
-                &task.queue,
-                &task.kind,
-                &JsonbText(&task.payload),
-                &JsonbText(&headers),
-                &task.priority,
-                &task.max_attempts,
-            ])
-            .await
-            .context(what())?;
-    }
-    writer.finish().await.context(what())?;
+    let rows: Vec<NewTask> = tasks
+        .iter()
+        .map(|t| t.new_task(traceparent.as_deref()))
+        .collect();
+    let ids = tasks::copy_in(client, &rows).await?;
     count_enqueued(tasks);
     Ok(ids)
 }
@@ -547,14 +377,10 @@ pub async fn enqueue_batch<C: GenericClient + Sync>(
 /// (the handler's cancellation token fires). Returns `cancelled`,
 /// `cancelling`, or `None` when no unfinished task has that id.
 pub async fn cancel<C: GenericClient + Sync>(client: &C, id: i64) -> Result<Option<String>> {
-    let row = client
-        .query_one("SELECT herald.cancel_task($1)", &[&id])
-        .await
-        .context(format!("cancelling task {id}"))?;
-    let outcome: Option<String> = row.get(0);
+    let outcome = tasks::cancel(client, id).await?;
     if let Some(outcome) = &outcome {
         // `cancelled` ends a ready task now; `cancelling` asks its worker.
-        let event = if outcome == "cancelled" {
+        let event = if outcome == TaskState::Cancelled.as_str() {
             event::TASK_CANCELLED
         } else {
             event::TASK_CANCEL_REQUESTED
@@ -639,7 +465,12 @@ pub struct TaskFilter {
     pub state: Option<String>,
 }
 
-pub const TASK_STATES: [&str; 4] = ["ready", "running", "succeeded", "cancelled"];
+pub const TASK_STATES: [&str; 4] = [
+    TaskState::Ready.as_str(),
+    TaskState::Running.as_str(),
+    TaskState::Succeeded.as_str(),
+    TaskState::Cancelled.as_str(),
+];
 
 /// Tasks matching `filter` in the order workers would take them (running
 /// first, then ready by priority and due time, then finished), at most
@@ -650,7 +481,7 @@ pub async fn list_tasks<C: GenericClient + Sync>(
     limit: i64,
 ) -> Result<Vec<TaskInfo>> {
     if let Some(state) = &filter.state {
-        if !TASK_STATES.contains(&state.as_str()) {
+        if TaskState::parse(state).is_none() {
             return Err(Error::InvalidTask(format!(
                 "unknown state {state:?}: expected one of {}",
                 TASK_STATES.join(", ")

@@ -1,0 +1,6 @@
+//! Every statement that writes a Herald table, one file per table, each
+//! with its SQL as consts beside the one function that runs it and its rows
+//! read into typed structs beside the SELECT that produces them. A grep for
+//! a table's name in Rust finds its module here.
+
+pub(crate) mod tasks;
