@@ -10,29 +10,16 @@
 //! fire-and-forget publish.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
+pub use crate::config::{CatalogConfig, DeliveryMode, EventType};
 use crate::error::{Error, Result};
 use crate::outbox::{Event, Outbox};
-
-/// How an event travels.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DeliveryMode {
-    /// Through the outbox: at least once to Redis and to every durable
-    /// subscription, only if the producer's transaction commits.
-    #[default]
-    Durable,
-    /// Straight to Redis pub/sub, now, whatever the transaction does: best
-    /// effort, lowest latency (metrics, presence, notifications).
-    FireAndForget,
-}
 
 impl std::fmt::Display for DeliveryMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -41,39 +28,6 @@ impl std::fmt::Display for DeliveryMode {
             DeliveryMode::FireAndForget => "fire_and_forget",
         })
     }
-}
-
-/// One `[[events]]` entry of the configuration.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct EventType {
-    /// The topic, e.g. `payment.captured`.
-    pub name: String,
-    #[serde(default)]
-    pub description: String,
-    #[serde(default = "default_version")]
-    pub version: u32,
-    /// The payload's JSON Schema (draft 2020-12 unless `$schema` says
-    /// otherwise), inline…
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub schema: Option<Value>,
-    /// …or in a file (relative paths: to the working directory).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub schema_file: Option<PathBuf>,
-    #[serde(default)]
-    pub delivery: DeliveryMode,
-}
-
-fn default_version() -> u32 {
-    1
-}
-
-/// `[catalog]` settings.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct CatalogConfig {
-    /// Refuse events whose topic is not declared in `[[events]]`.
-    pub strict: bool,
 }
 
 struct Compiled {

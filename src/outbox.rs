@@ -72,7 +72,7 @@ pub(crate) fn check_depth(json: &str) -> std::result::Result<(), String> {
 pub mod headers {
     pub const CORRELATION_ID: &str = "correlation_id";
     pub const CAUSATION_ID: &str = "causation_id";
-    pub const TRACEPARENT: &str = "traceparent";
+    pub use crate::telemetry::TRACEPARENT;
 }
 
 /// An event about to be written to the outbox.

@@ -263,10 +263,7 @@ pub struct Gap {
     pub dropped: Option<u64>,
 }
 
-/// Default of [`Subscriber::buffer`] and `redis.subscriber_buffer`.
-pub const DEFAULT_SUBSCRIBER_BUFFER: usize = 10_000;
-/// Largest [`Subscriber::buffer`] (and `redis.subscriber_buffer`).
-pub const MAX_SUBSCRIBER_BUFFER: usize = 1 << 24;
+pub use crate::config::{DEFAULT_SUBSCRIBER_BUFFER, MAX_SUBSCRIBER_BUFFER};
 
 /// What the reader task hands to [`Subscriber::next`] through the bounded
 /// buffer.

@@ -20,8 +20,7 @@ use crate::store::tasks::{self, NewTask};
 use crate::telemetry::names::event;
 use crate::telemetry::names::metric::TASKS_ENQUEUED;
 
-pub const DEFAULT_QUEUE: &str = "default";
-pub const DEFAULT_MAX_ATTEMPTS: i32 = 25;
+pub use crate::config::{DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE};
 
 /// A task about to be enqueued.
 ///

@@ -13,63 +13,18 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures_util::future::BoxFuture;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use tokio_postgres::{GenericClient, Transaction};
 
 use crate::error::{Context, Error, Result};
+pub use crate::config::Subscription;
+use crate::store::subscriptions as store;
 use crate::outbox::Envelope;
 use crate::worker::{Registry, TaskContext};
 
-/// Task kind of the built-in webhook delivery.
-pub const WEBHOOK_KIND: &str = "herald.webhook";
-/// Task headers the relay sets on a subscription's task.
-pub const HEADER_SUBSCRIPTION: &str = "herald_subscription";
+pub use crate::worker::webhook::{HEADER_SUBSCRIPTION, WEBHOOK_KIND};
+/// Task header the relay sets on a subscription's task: the event's id.
 pub const HEADER_EVENT_ID: &str = "herald_event_id";
-
-/// A durable subscription, as declared in `[[subscriptions]]`, by the API or
-/// the CLI.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Subscription {
-    /// Unique name: letters, digits, `.`, `_`, `-`, `:`.
-    pub name: String,
-    /// A topic or a glob: `payment.*`, `*`.
-    pub pattern: String,
-    /// The task kind each matching event becomes. Default: `sub:<name>`, the
-    /// kind `Registry::subscribe_durable` registers; `herald.webhook` when
-    /// `webhook` is set.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub kind: Option<String>,
-    /// POST each event to this URL (the `herald.webhook` kind).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub webhook: Option<String>,
-    /// HMAC-SHA256 key for the webhook's signature header.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub secret: Option<String>,
-    #[serde(default = "default_queue")]
-    pub queue: String,
-    #[serde(default = "default_max_attempts")]
-    pub max_attempts: i32,
-    /// Per-attempt timeout of the subscription's tasks (e.g. `30s`).
-    #[serde(
-        default,
-        with = "humantime_serde",
-        skip_serializing_if = "Option::is_none"
-    )]
-    pub timeout: Option<Duration>,
-    #[serde(default = "default_enabled")]
-    pub enabled: bool,
-}
-
-fn default_queue() -> String {
-    crate::queue::DEFAULT_QUEUE.into()
-}
-fn default_max_attempts() -> i32 {
-    crate::queue::DEFAULT_MAX_ATTEMPTS
-}
-fn default_enabled() -> bool {
-    true
-}
 
 /// The task kind `Registry::subscribe_durable` uses for subscription `name`.
 pub fn handler_kind(name: &str) -> String {
@@ -86,8 +41,8 @@ impl Subscription {
             kind: None,
             webhook: None,
             secret: None,
-            queue: default_queue(),
-            max_attempts: default_max_attempts(),
+            queue: crate::config::DEFAULT_QUEUE.into(),
+            max_attempts: crate::config::DEFAULT_MAX_ATTEMPTS,
             timeout: None,
             enabled: true,
         }
@@ -206,23 +161,6 @@ pub struct StoredSubscription {
     pub updated_at: DateTime<Utc>,
 }
 
-const UPSERT: &str = "
-INSERT INTO herald.subscriptions
-    (name, pattern, kind, queue, max_attempts, timeout, webhook_url, webhook_secret, enabled, source)
-VALUES ($1, $2, $3, $4, $5, $6::text::interval, $7, $8, $9, $10)
-ON CONFLICT (name) DO UPDATE
-SET pattern = EXCLUDED.pattern, kind = EXCLUDED.kind, queue = EXCLUDED.queue,
-    max_attempts = EXCLUDED.max_attempts, timeout = EXCLUDED.timeout,
-    webhook_url = EXCLUDED.webhook_url, webhook_secret = EXCLUDED.webhook_secret,
-    enabled = EXCLUDED.enabled, source = EXCLUDED.source, updated_at = now()
-WHERE (herald.subscriptions.pattern, herald.subscriptions.kind, herald.subscriptions.queue,
-       herald.subscriptions.max_attempts, herald.subscriptions.timeout,
-       herald.subscriptions.webhook_url, herald.subscriptions.webhook_secret,
-       herald.subscriptions.enabled, herald.subscriptions.source)
-      IS DISTINCT FROM
-      (EXCLUDED.pattern, EXCLUDED.kind, EXCLUDED.queue, EXCLUDED.max_attempts, EXCLUDED.timeout,
-       EXCLUDED.webhook_url, EXCLUDED.webhook_secret, EXCLUDED.enabled, EXCLUDED.source)";
-
 /// Create or update a subscription; `source` is `api` or `config`.
 pub async fn upsert<C: GenericClient + Sync>(
     client: &C,
@@ -230,26 +168,24 @@ pub async fn upsert<C: GenericClient + Sync>(
     source: &str,
 ) -> Result<()> {
     sub.validate()?;
-    let timeout = sub.timeout.map(crate::db::interval_literal);
-    client
-        .execute(
-            UPSERT,
-            &[
-                &sub.name,
-                &sub.pattern,
-                &sub.task_kind(),
-                &sub.queue,
-                &sub.max_attempts,
-                &timeout,
-                &sub.webhook,
-                &sub.secret,
-                &sub.enabled,
-                &source,
-            ],
-        )
-        .await
-        .context(format!("saving subscription {:?}", sub.name))?;
-    Ok(())
+    store::upsert(client, &sub.row(), source).await
+}
+
+impl Subscription {
+    /// The row `herald.subscriptions` keeps for it (kind resolved).
+    pub(crate) fn row(&self) -> store::SubscriptionRow {
+        store::SubscriptionRow {
+            name: self.name.clone(),
+            pattern: self.pattern.clone(),
+            kind: self.task_kind(),
+            queue: self.queue.clone(),
+            max_attempts: self.max_attempts,
+            timeout: self.timeout.map(crate::db::interval_literal),
+            webhook: self.webhook.clone(),
+            secret: self.secret.clone(),
+            enabled: self.enabled,
+        }
+    }
 }
 
 /// Make the `config` subscriptions match `subs`: create and update those,
@@ -263,13 +199,7 @@ pub async fn sync_config(client: &mut tokio_postgres::Client, subs: &[Subscripti
         upsert(&tx, sub, "config").await?;
     }
     let names: Vec<&str> = subs.iter().map(|s| s.name.as_str()).collect();
-    let removed = tx
-        .execute(
-            "DELETE FROM herald.subscriptions WHERE source = 'config' AND NOT (name = ANY($1))",
-            &[&names],
-        )
-        .await
-        .context("removing subscriptions no longer in the configuration")?;
+    let removed = store::delete_config_except(&tx, &names).await?;
     tx.commit()
         .await
         .context("committing the subscription sync")?;
@@ -314,11 +244,7 @@ pub async fn list<C: GenericClient + Sync>(client: &C) -> Result<Vec<StoredSubsc
 /// Delete a subscription; `false` when there was none. Its tasks already
 /// queued still run.
 pub async fn remove<C: GenericClient + Sync>(client: &C, name: &str) -> Result<bool> {
-    let n = client
-        .execute("DELETE FROM herald.subscriptions WHERE name = $1", &[&name])
-        .await
-        .context(format!("removing subscription {name:?}"))?;
-    Ok(n == 1)
+    store::delete(client, name).await
 }
 
 /// Pause (`false`) or resume (`true`); `false` when there is no such
@@ -329,14 +255,7 @@ pub async fn set_enabled<C: GenericClient + Sync>(
     name: &str,
     enabled: bool,
 ) -> Result<bool> {
-    let n = client
-        .execute(
-            "UPDATE herald.subscriptions SET enabled = $2, updated_at = now() WHERE name = $1",
-            &[&name, &enabled],
-        )
-        .await
-        .context(format!("pausing or resuming subscription {name:?}"))?;
-    Ok(n == 1)
+    store::set_enabled(client, name, enabled).await
 }
 
 /// What a durable subscriber's handler gets besides the envelope.
@@ -388,15 +307,8 @@ impl EventContext {
             .context("beginning a durable subscriber's transaction")?;
         // Taken first: a second delivery running at the same time waits here
         // for the first to commit, then sees its record.
-        let fresh = tx
-            .execute(
-                "INSERT INTO herald.processed_events (subscription, event_id) VALUES ($1, $2)
-                 ON CONFLICT DO NOTHING",
-                &[&self.subscription, &event.id],
-            )
-            .await
-            .context("recording the processed event")?;
-        if fresh == 0 {
+        let fresh = crate::store::processed_events::record(&tx, &self.subscription, event.id).await?;
+        if !fresh {
             tx.rollback().await.ok();
             return Ok(Applied::Before);
         }
@@ -460,7 +372,7 @@ impl Registry {
             let handler = handler.clone();
             async move { handler(ctx, envelope).await }
         });
-        self.durable.push(subscription);
+        self.durable.push(subscription.row());
         Ok(self)
     }
 }

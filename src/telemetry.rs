@@ -28,7 +28,10 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::LogFormat;
-use crate::outbox::headers::TRACEPARENT;
+
+/// The W3C trace-context header, in event and task headers
+/// (`herald::outbox::headers::TRACEPARENT`).
+pub const TRACEPARENT: &str = "traceparent";
 
 /// Stable names: metrics, spans and the values of the `event` field that
 /// lifecycle events carry. `docs/telemetry.md` documents each one.

@@ -3,4 +3,6 @@
 //! read into typed structs beside the SELECT that produces them. A grep for
 //! a table's name in Rust finds its module here.
 
+pub(crate) mod processed_events;
+pub(crate) mod subscriptions;
 pub(crate) mod tasks;

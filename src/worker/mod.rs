@@ -33,6 +33,7 @@
 //! finished tasks), `listener` (LISTEN and the wake lock), `shared` (the
 //! state they share). The SQL is in `store::tasks`.
 
+mod builtin;
 mod completer;
 mod executor;
 mod heartbeat;
@@ -44,6 +45,7 @@ mod registry;
 pub(crate) mod rescue;
 mod retry;
 mod shared;
+pub mod webhook;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -162,8 +164,8 @@ impl Worker {
         {
             let client = self.shared.pool.get().await?;
             crate::migrate::check_schema(&client).await?;
-            for sub in &self.shared.registry.durable {
-                crate::subscriptions::upsert(&**client, sub, "api").await?;
+            for row in &self.shared.registry.durable {
+                crate::store::subscriptions::upsert(&**client, row, "api").await?;
             }
         }
         let shared = self.shared;

@@ -148,48 +148,16 @@ pub struct Registry {
     pub(super) entries: HashMap<String, Entry>,
     /// Durable subscriptions declared with `subscribe_durable`; written to
     /// `herald.subscriptions` when the worker starts.
-    pub(crate) durable: Vec<crate::subscriptions::Subscription>,
-}
-
-impl Default for Registry {
-    fn default() -> Self {
-        Registry::new()
-    }
+    pub(crate) durable: Vec<crate::store::subscriptions::SubscriptionRow>,
 }
 
 impl Registry {
-    /// A registry with the built-in kinds `herald.noop`, `herald.sleep`
-    /// (`{"ms": N}`), `herald.fail` (`{"message": "..."}`) and
-    /// `herald.webhook` (a webhook subscription's delivery).
-    pub fn new() -> Registry {
-        let mut r = Registry {
+    /// A registry without even the built-in kinds; [`Registry::new`] adds them.
+    pub(super) fn empty() -> Registry {
+        Registry {
             entries: HashMap::new(),
             durable: Vec::new(),
-        };
-        r.register("herald.noop", |_ctx, _payload: Value| async { Ok(()) });
-        #[derive(serde::Deserialize)]
-        struct Sleep {
-            ms: u64,
         }
-        r.register("herald.sleep", |ctx: TaskContext, p: Sleep| async move {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_millis(p.ms)) => {}
-                _ = ctx.cancellation().cancelled() => {}
-            }
-            Ok(())
-        });
-        #[derive(serde::Deserialize)]
-        struct Fail {
-            #[serde(default)]
-            message: Option<String>,
-        }
-        r.register("herald.fail", |_ctx, p: Fail| async move {
-            Err::<(), _>(anyhow::anyhow!(p
-                .message
-                .unwrap_or_else(|| "herald.fail always fails".into())))
-        });
-        crate::webhook::register(&mut r);
-        r
     }
 
     /// Register `handler` for `kind`; its payload is decoded into `P` (a

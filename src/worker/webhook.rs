@@ -17,8 +17,12 @@ use std::time::Duration;
 use hmac::{KeyInit, Mac};
 use serde_json::Value;
 
-use crate::subscriptions::{HEADER_SUBSCRIPTION, WEBHOOK_KIND};
-use crate::worker::{permanent, Registry, TaskContext};
+use super::registry::{permanent, Registry, TaskContext};
+
+/// Task kind of the built-in webhook delivery.
+pub const WEBHOOK_KIND: &str = "herald.webhook";
+/// Task header naming the subscription a fanned-out task is for.
+pub const HEADER_SUBSCRIPTION: &str = "herald_subscription";
 
 /// Request headers Herald sets on every webhook call.
 pub mod headers {
