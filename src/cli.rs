@@ -16,6 +16,7 @@ use crate::relay::Relay;
 
 mod events;
 mod inspect;
+mod schedules;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -177,7 +178,7 @@ as many as you like: each tick fires once across all of them.\n\nExample:\n  her
 
     /// List, add, remove, pause, resume and trigger cron schedules.
     #[command(subcommand)]
-    Schedules(crate::cron::SchedulesCommand),
+    Schedules(schedules::SchedulesCommand),
 
     /// Print the effective configuration (TOML) with secrets masked.
     #[command(after_help = "Example:\n  HERALD_PARTITIONS=32 herald config")]
@@ -243,7 +244,7 @@ pub async fn main() -> anyhow::Result<()> {
             };
             run(&config, services).await?
         }
-        Command::Schedules(command) => crate::cron::run_schedules_command(&config, command).await?,
+        Command::Schedules(command) => schedules::run_schedules_command(&config, command).await?,
         Command::Worker {
             queues,
             concurrency,
