@@ -18,8 +18,7 @@ use tokio::sync::watch;
 use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
-use super::scheduler::SchedulerStats;
-use super::CHANNEL;
+use super::{SchedulerStats, CHANNEL};
 use crate::config::Config;
 use crate::error::{Context, Result};
 

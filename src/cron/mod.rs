@@ -35,12 +35,28 @@ pub use schedule::{
     check_schedules_table, list, pause, remove, resume, sync_config, trigger, upsert,
     validate_schedule_name, Misfire, Schedule, Source, SyncReport,
 };
-pub use scheduler::{unique_key, Scheduler, SchedulerStats};
+pub use scheduler::{unique_key, Scheduler};
+
+use std::sync::atomic::{AtomicBool, AtomicU64};
 
 use crate::error::Error;
 
 /// The NOTIFY channel of `herald.schedules` (statement trigger).
 pub const CHANNEL: &str = "herald_schedules";
+
+/// Counters of a [`Scheduler`] and its listener that a caller (a test, the
+/// bench, `/readyz`) can read while it runs.
+#[derive(Debug, Default)]
+pub struct SchedulerStats {
+    /// Times the scheduler looked at the table (claim and next-tick query).
+    pub cycles: AtomicU64,
+    pub fired: AtomicU64,
+    pub claims: AtomicU64,
+    pub invalid: AtomicU64,
+    pub listen_connects: AtomicU64,
+    /// Whether the LISTEN connection is up now (`/readyz`).
+    pub listening: AtomicBool,
+}
 
 /// The message of an error without its variant's prefix.
 fn inner(e: Error) -> String {

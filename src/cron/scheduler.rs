@@ -12,7 +12,7 @@
 //! double-fire. It must never let one unusable row stop the others: such a
 //! row gets `last_error` and is skipped until its definition changes.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,25 +28,13 @@ use super::inner;
 use super::listener;
 use super::misfire::{plan, Fire, MisfireRules, Plan};
 use super::schedule::{check_schedules_table, sync_config, upsert, Misfire, Schedule, SyncReport};
+use super::SchedulerStats;
 use crate::config::Config;
 use crate::error::{Context, Result};
 use crate::store::schedules::{self as store, DueSchedule};
 
 /// Most due schedules claimed in one transaction.
 const CLAIM_BATCH: i64 = 100;
-
-/// Counters a caller (a test, the bench) can read while it runs.
-#[derive(Debug, Default)]
-pub struct SchedulerStats {
-    /// Times the scheduler looked at the table (claim and next-tick query).
-    pub cycles: AtomicU64,
-    pub fired: AtomicU64,
-    pub claims: AtomicU64,
-    pub invalid: AtomicU64,
-    pub listen_connects: AtomicU64,
-    /// Whether the LISTEN connection is up now (`/readyz`).
-    pub listening: AtomicBool,
-}
 
 /// Fires due schedules until shut down. Run as many as you like, in as many
 /// processes: each tick fires once across all of them.
