@@ -2,13 +2,15 @@
 //! environment (`DATABASE_URL`, `REDIS_URL`, `HERALD_*`). Owns loading,
 //! validating and printing settings; it never opens a connection.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
@@ -36,7 +38,7 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     /// Cron schedules declared here (`[[schedules]]`), synced to
     /// `herald.schedules` when `herald run` / `herald scheduler` start.
-    pub schedules: Vec<crate::cron::Schedule>,
+    pub schedules: Vec<Schedule>,
     pub admin: AdminConfig,
     pub nodes: NodesConfig,
     pub catalog: CatalogConfig,
@@ -528,8 +530,7 @@ impl Config {
         if self.redis.subscriber_buffer > MAX_SUBSCRIBER_BUFFER {
             return Err(Error::Config(format!(
                 "redis.subscriber_buffer must be at most {}, got {}",
-                MAX_SUBSCRIBER_BUFFER,
-                self.redis.subscriber_buffer
+                MAX_SUBSCRIBER_BUFFER, self.redis.subscriber_buffer
             )));
         }
         if self.partitions == 0 || self.partitions > 1024 {
@@ -766,3 +767,119 @@ fn default_enabled() -> bool {
     true
 }
 
+// ---------------------------------------------------------------------------
+// `[[schedules]]`: their data; parsing, planning and firing are in `cron`.
+
+/// What to do with ticks that passed while no scheduler ran (more than
+/// `scheduler.misfire_grace`, or `scheduler.misfire_grace_fraction` of the
+/// schedule's period when that is longer, late when a scheduler gets to
+/// them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Misfire {
+    /// Fire nothing for them; continue with the next future tick.
+    #[default]
+    Skip,
+    /// Fire one task, for the latest of them.
+    Once,
+    /// Fire every one of them (the latest `scheduler.max_backfill`), flagged
+    /// `herald_backfilled`.
+    All,
+}
+
+impl Misfire {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Misfire::Skip => "skip",
+            Misfire::Once => "once",
+            Misfire::All => "all",
+        }
+    }
+}
+
+impl fmt::Display for Misfire {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Misfire {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Misfire> {
+        match s {
+            "skip" => Ok(Misfire::Skip),
+            "once" => Ok(Misfire::Once),
+            "all" => Ok(Misfire::All),
+            other => Err(Error::InvalidSchedule(format!(
+                "unknown misfire policy {other:?}: expected skip, once or all"
+            ))),
+        }
+    }
+}
+
+impl Serialize for Misfire {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Misfire {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Misfire, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+fn default_schedule_tz() -> String {
+    "UTC".into()
+}
+fn default_schedule_queue() -> String {
+    DEFAULT_QUEUE.into()
+}
+fn default_schedule_payload() -> Value {
+    Value::Object(Map::new())
+}
+fn default_schedule_max_attempts() -> i32 {
+    DEFAULT_MAX_ATTEMPTS
+}
+
+/// A schedule as declared: in `[[schedules]]` of the configuration, in code
+/// (next to the handler registration) or from the CLI.
+///
+/// ```no_run
+/// # async fn demo(client: &tokio_postgres::Client) -> herald::Result<()> {
+/// use herald::cron::{Misfire, Schedule};
+/// let nightly = Schedule::new("nightly-report", "30 2 * * *", "report.build", &serde_json::json!({}))?
+///     .tz("Europe/Berlin")
+///     .misfire(Misfire::Once);
+/// herald::cron::upsert(client, &nightly).await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Schedule {
+    /// Unique name: letters, digits, `.`, `_`, `-`, `:` (at most 200).
+    pub name: String,
+    /// Cron expression: 5 fields, or 6 with seconds first.
+    pub cron: String,
+    /// Task kind the schedule enqueues.
+    pub kind: String,
+    /// The task's payload.
+    #[serde(default = "default_schedule_payload")]
+    pub payload: Value,
+    /// IANA time zone the expression is read in.
+    #[serde(default = "default_schedule_tz")]
+    pub tz: String,
+    #[serde(default = "default_schedule_queue")]
+    pub queue: String,
+    #[serde(default)]
+    pub misfire: Misfire,
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(default = "default_schedule_max_attempts")]
+    pub max_attempts: i32,
+    /// `Some(false)` pauses it; unset leaves an existing schedule as it is
+    /// (a new one starts enabled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+}

@@ -78,6 +78,7 @@ impl Config {
 mod tests {
     use super::*;
     use crate::config::*;
+    use std::time::Duration;
 
     #[test]
     fn worker_settings_that_cannot_work_are_refused() {

@@ -16,10 +16,10 @@ use futures_util::future::BoxFuture;
 use serde::Serialize;
 use tokio_postgres::{GenericClient, Transaction};
 
-use crate::error::{Context, Error, Result};
 pub use crate::config::Subscription;
-use crate::store::subscriptions as store;
+use crate::error::{Context, Error, Result};
 use crate::outbox::Envelope;
+use crate::store::subscriptions as store;
 use crate::worker::{Registry, TaskContext};
 
 pub use crate::worker::webhook::{HEADER_SUBSCRIPTION, WEBHOOK_KIND};
@@ -307,7 +307,8 @@ impl EventContext {
             .context("beginning a durable subscriber's transaction")?;
         // Taken first: a second delivery running at the same time waits here
         // for the first to commit, then sees its record.
-        let fresh = crate::store::processed_events::record(&tx, &self.subscription, event.id).await?;
+        let fresh =
+            crate::store::processed_events::record(&tx, &self.subscription, event.id).await?;
         if !fresh {
             tx.rollback().await.ok();
             return Ok(Applied::Before);

@@ -1,16 +1,17 @@
 //! `herald schedules …`: list, add, remove, pause, resume and trigger cron
-//! schedules. It prints; every statement is the library's (`herald::cron`).
+//! schedules. Parsing and printing only; the work is in `cron`.
 
-use anyhow::Context as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use chrono_tz::Tz;
+use serde_json::Value;
+
+use anyhow::Context as _;
 use herald::config::Config;
 use herald::cron::{
-    check_schedules_table, inner, list, pause, remove, resume, rfc3339, trigger, upsert,
-    CronSchedule, Misfire, Schedule, ScheduleRow,
+    check_schedules_table, list, pause, remove, resume, trigger, upsert, CronSchedule, Misfire,
+    Schedule, ScheduleRow,
 };
-use herald::error::Error;
-use serde_json::Value;
+use herald::error::{Error, Result};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum SchedulesCommand {
@@ -57,7 +58,7 @@ seconds first.\n\nExamples:\n  herald schedules add nightly-report '30 2 * * *' 
 }
 
 /// Run one `herald schedules …` command; output on stdout.
-pub(crate) async fn run_schedules_command(
+pub async fn run_schedules_command(
     config: &Config,
     command: SchedulesCommand,
 ) -> anyhow::Result<()> {
@@ -111,9 +112,9 @@ pub(crate) async fn run_schedules_command(
                 what: format!("payload of schedule {name:?}"),
                 error,
             })?;
-            let misfire: Misfire = misfire
-                .parse()
-                .map_err(|e| Error::InvalidSchedule(format!("schedule {name:?}: {}", inner(e))))?;
+            let misfire: Misfire = misfire.parse().map_err(|e| {
+                Error::InvalidSchedule(format!("schedule {name:?}: {}", message(&e)))
+            })?;
             let schedule = Schedule::new(name, cron, kind, &payload)?
                 .tz(tz)
                 .queue(queue)
@@ -157,7 +158,7 @@ pub(crate) async fn run_schedules_command(
     Ok(())
 }
 
-fn print_row(row: &ScheduleRow, upcoming: &herald::Result<Vec<DateTime<Tz>>>) {
+fn print_row(row: &ScheduleRow, upcoming: &Result<Vec<DateTime<Tz>>>) {
     let state = if row.enabled { "enabled" } else { "paused" };
     println!(
         "{}  {:?}  {}  {}  misfire={}  kind={}  queue={}  source={}",
@@ -179,22 +180,26 @@ fn print_row(row: &ScheduleRow, upcoming: &herald::Result<Vec<DateTime<Tz>>>) {
                     .join(", ")
             );
         }
-        Err(e) => println!("  next: none ({})", inner_ref(e)),
+        Err(e) => println!("  next: none ({})", message(e)),
     }
     if let Ok(when) = CronSchedule::parse(&row.cron, &row.tz) {
         println!("  means: {}", when.describe());
     }
     if let Some(last) = row.last_run_at {
-        println!("  last tick: {}", rfc3339(last));
+        println!(
+            "  last tick: {}",
+            last.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+        );
     }
     if let Some(error) = &row.last_error {
         println!("  error: {error}");
     }
 }
 
-fn inner_ref(e: &Error) -> String {
+/// The message of an error without its variant's prefix.
+fn message(e: &Error) -> String {
     match e {
-        Error::InvalidSchedule(m) => m.clone(),
+        Error::InvalidSchedule(m) | Error::InvalidTask(m) => m.clone(),
         other => other.to_string(),
     }
 }

@@ -1,8 +1,10 @@
 //! Every statement that writes a Herald table, one file per table, each
 //! with its SQL as consts beside the one function that runs it and its rows
-//! read into typed structs beside the SELECT that produces them. A grep for
-//! a table's name in Rust finds its module here.
+//! read by column name into typed structs beside the SELECT that produces
+//! them. A grep for a table's name in Rust finds its module here (and the
+//! migrations).
 
 pub(crate) mod processed_events;
+pub(crate) mod schedules;
 pub(crate) mod subscriptions;
 pub(crate) mod tasks;

@@ -44,7 +44,6 @@ WHERE (herald.subscriptions.pattern, herald.subscriptions.kind, herald.subscript
       (EXCLUDED.pattern, EXCLUDED.kind, EXCLUDED.queue, EXCLUDED.max_attempts, EXCLUDED.timeout,
        EXCLUDED.webhook_url, EXCLUDED.webhook_secret, EXCLUDED.enabled, EXCLUDED.source)";
 
-
 /// Create or update; `source` is `api` or `config`.
 pub(crate) async fn upsert<C: GenericClient + Sync>(
     client: &C,
