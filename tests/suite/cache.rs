@@ -2,7 +2,7 @@
 //! invalidation). Each test uses its own namespace; the tests that stop Redis
 //! or kill its connections run a private redis-server.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -11,23 +11,14 @@ use std::time::{Duration, Instant};
 use herald::cache::{Cache, CacheBuilder};
 use herald::Config;
 
-use common::{RedisServer, TestDb};
+use crate::common::{RedisServer, TestDb};
 
 type Loaded<T> = Result<Option<T>, std::io::Error>;
 type LoadFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = Loaded<T>> + Send>>;
 
-/// A configuration on `redis_url` with a unique channel prefix (hence a
-/// unique cache namespace) and short Redis timeouts.
+/// A configuration on `redis_url` with short Redis timeouts.
 fn config_on(redis_url: &str) -> Config {
-    herald::telemetry::init(herald::config::LogFormat::Pretty);
-    let mut config = Config {
-        redis_url: redis_url.to_string(),
-        channel_prefix: format!("herald:cachetest:{}:", uuid::Uuid::now_v7().simple()),
-        ..Config::default()
-    };
-    config.redis.connect_timeout = Duration::from_millis(500);
-    config.redis.response_timeout = Duration::from_millis(500);
-    config
+    common::config_on(redis_url, Duration::from_millis(500))
 }
 
 fn builder() -> CacheBuilder {
