@@ -27,7 +27,7 @@ run: services-up ## Start dev services, then `herald run` (migrates, relays)
 test: services-up ## Start dev services, then run the whole test suite
 	$(WITH_ENV) $(CARGO) test
 
-# `make coverage COVERAGE_ARGS="--test operator"` measures one test binary.
+# `make coverage COVERAGE_ARGS="--test suite operator::"` measures one test module.
 COVERAGE_ARGS ?=
 
 coverage: services-up ## Run the test suite under cargo-llvm-cov: line coverage per file and in total

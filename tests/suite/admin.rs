@@ -2,12 +2,12 @@
 //! real Postgres and Redis: a router served on 127.0.0.1:0 and queried over
 //! HTTP, in-process services and `herald` child processes.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::{HeraldProcess, RedisServer, TestDb};
+use crate::common::{HeraldProcess, RedisServer, TestDb};
 use herald::admin::{AdminState, Readiness};
 use herald::nodes::{Node, Role};
 use herald::Config;
@@ -670,12 +670,17 @@ async fn nodes_register_heartbeat_and_expire_dead_ones() {
     assert_eq!(first.get::<_, String>("version"), env!("CARGO_PKG_VERSION"));
 
     // It heartbeats: last_seen moves, started_at does not.
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let later = node_row(&client, id).await.expect("still registered");
-    assert!(
-        later.get::<_, chrono::DateTime<chrono::Utc>>("last_seen")
-            > first.get::<_, chrono::DateTime<chrono::Utc>>("last_seen")
-    );
+    let last_seen =
+        |row: &tokio_postgres::Row| row.get::<_, chrono::DateTime<chrono::Utc>>("last_seen");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let later = loop {
+        let row = node_row(&client, id).await.expect("still registered");
+        if last_seen(&row) > last_seen(&first) {
+            break row;
+        }
+        assert!(Instant::now() < deadline, "last_seen did not move");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(
         later.get::<_, chrono::DateTime<chrono::Utc>>("started_at"),
         first.get::<_, chrono::DateTime<chrono::Utc>>("started_at")

@@ -137,7 +137,7 @@ async fn a_cache_invalidator_that_falls_behind_flushes_the_namespace() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
 
-    herald::telemetry::init(herald::config::LogFormat::Pretty);
+    crate::common::init_tracing();
     let config = herald::Config {
         redis_url: crate::common::redis_url(),
         channel_prefix: format!("herald:slow-inv-{}:", uuid::Uuid::now_v7().simple()),

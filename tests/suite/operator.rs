@@ -3,74 +3,20 @@
 //! real workers left behind; bad input fails with a clear message and loses
 //! nothing.
 
-mod common;
-
 use std::time::Duration;
 
-use common::TestDb;
+use crate::common::{
+    herald_fails as fails, herald_ok as ok, herald_run as herald, scalar as count, TestDb,
+};
 use herald::{Config, Registry, Task, Worker};
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
-
-struct Output {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-/// Run `herald <args…>` against the test database and wait for it.
-async fn herald(config: &Config, args: &[&str]) -> Output {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(args)
-        .env("DATABASE_URL", &config.database_url)
-        .env("REDIS_URL", &config.redis_url)
-        .env("HERALD_MIGRATE_ON_START", "false")
-        .env("RUST_LOG", "warn")
-        .env_remove("HERALD_CONFIG")
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("running herald {}: {e}", args.join(" ")));
-    Output {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// `herald <args…>` that must succeed; returns its stdout.
-async fn ok(config: &Config, args: &[&str]) -> String {
-    let out = herald(config, args).await;
-    assert!(
-        out.ok,
-        "herald {} failed: {}{}",
-        args.join(" "),
-        out.stdout,
-        out.stderr
-    );
-    out.stdout
-}
-
-/// `herald <args…>` that must fail; returns its stderr.
-async fn fails(config: &Config, args: &[&str]) -> String {
-    let out = herald(config, args).await;
-    assert!(
-        !out.ok,
-        "herald {} should have failed: {}",
-        args.join(" "),
-        out.stdout
-    );
-    out.stderr
-}
 
 fn json_lines(stdout: &str) -> Vec<Value> {
     stdout
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
         .collect()
-}
-
-async fn count(client: &tokio_postgres::Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.expect(sql).get(0)
 }
 
 /// Run in-process workers with the built-in kinds until `sql` counts `n`.

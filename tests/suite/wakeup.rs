@@ -3,11 +3,12 @@
 //! whose safety sweep (`poll_interval`) is an hour away, so an event whose
 //! producer neither notified nor was swept would never arrive in time.
 
-mod common;
+use crate::common;
 
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use common::TestDb;
+use crate::common::TestDb;
 use futures_util::future::poll_fn;
 use herald::relay::{CHANNEL, WAKE_LOCK};
 use herald::Event;
@@ -180,14 +181,15 @@ async fn every_event_arrives_promptly_as_the_relay_goes_to_sleep_and_wakes() {
         "all {total} events arrive within {PROMPT:?} of the last commit, got {}",
         collector.distinct_ids()
     );
-    let sleeps = relay
-        .stats
-        .sleeps
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let sleeps = relay.stats.sleeps.load(Ordering::Relaxed);
     assert!(sleeps > 0, "the relay slept between bursts");
 
-    // One more event after a quiet spell: the relay is asleep and is woken.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // One more event once the relay has gone to sleep: it is woken.
+    let asleep = || relay.stats.asleep.load(Ordering::Relaxed);
+    assert!(
+        common::until(PROMPT, asleep).await,
+        "the relay goes to sleep after the bursts"
+    );
     publish(&db.client().await, -1).await;
     assert!(
         collector.distinct(total + 1, PROMPT).await,
@@ -209,6 +211,7 @@ async fn an_open_producer_transaction_holds_back_only_its_own_event() {
     let relay = db.relay();
     let other = db.client().await;
     for seq in 1..=3 {
+        // Spaced commits: time in which the relay would go to sleep if it could.
         tokio::time::sleep(Duration::from_millis(200)).await;
         publish(&other, seq).await;
         assert!(
@@ -235,6 +238,7 @@ async fn a_second_relay_takes_over_the_wake_lock_when_the_sleeper_stops() {
     let producer = db.client().await;
     for seq in 0..20 {
         publish(&producer, seq).await;
+        // Paced, so that the relays drain, sleep and are woken in between.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(
@@ -243,7 +247,11 @@ async fn a_second_relay_takes_over_the_wake_lock_when_the_sleeper_stops() {
     );
     // Whichever relay sleeps with the lock, stop it; the other must take the
     // lock over (it checks every second) and be woken from then on.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let asleep = |r: &common::RelayTask| r.stats.asleep.load(Ordering::Relaxed);
+    assert!(
+        common::until(PROMPT, || relays.iter().any(asleep)).await,
+        "a relay goes to sleep"
+    );
     let holder: i32 = producer
         .query_one(
             "SELECT count(*)::int FROM pg_locks WHERE locktype = 'advisory' AND granted
@@ -255,7 +263,6 @@ async fn a_second_relay_takes_over_the_wake_lock_when_the_sleeper_stops() {
         .unwrap()
         .get(0);
     assert_eq!(holder, 1, "one relay sleeps with the wake lock");
-    let asleep = |r: &common::RelayTask| r.stats.asleep.load(std::sync::atomic::Ordering::Relaxed);
     let [a, b] = relays;
     let (sleeper, other) = if asleep(&a) { (a, b) } else { (b, a) };
     assert!(
@@ -263,9 +270,13 @@ async fn a_second_relay_takes_over_the_wake_lock_when_the_sleeper_stops() {
         "exactly one relay holds it"
     );
     sleeper.stop().await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        common::until(Duration::from_secs(5), || asleep(&other)).await,
+        "the remaining relay takes the wake lock over"
+    );
     for seq in 20..30 {
         publish(&producer, seq).await;
+        // Paced, as above.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(
@@ -288,17 +299,11 @@ async fn a_terminated_wake_lock_session_is_replaced_and_nothing_waits() {
     let producer = db.client().await;
     publish(&producer, 0).await;
     assert!(collector.distinct(1, PROMPT).await);
-    let asleep = || {
-        relay
-            .stats
-            .asleep
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
-    let deadline = Instant::now() + PROMPT;
-    while !asleep() {
-        assert!(Instant::now() < deadline, "the relay goes to sleep");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let asleep = || relay.stats.asleep.load(Ordering::Relaxed);
+    assert!(
+        common::until(PROMPT, asleep).await,
+        "the relay goes to sleep"
+    );
     // The lock goes with its session: producers stop notifying at once.
     let killed: i64 = producer
         .query_one(
@@ -315,7 +320,11 @@ async fn a_terminated_wake_lock_session_is_replaced_and_nothing_waits() {
         collector.distinct(2, PROMPT).await,
         "the event committed as the lock was lost arrives (the relay reconnects and sweeps)"
     );
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let slept_again = || asleep() || relay.stats.sleeps.load(Ordering::Relaxed) >= 2;
+    assert!(
+        common::until(PROMPT, slept_again).await,
+        "the relay sleeps again on its new session"
+    );
     for seq in 2..5 {
         publish(&producer, seq).await;
         assert!(
@@ -323,14 +332,7 @@ async fn a_terminated_wake_lock_session_is_replaced_and_nothing_waits() {
             "event {seq} after the reconnect arrives"
         );
     }
-    assert!(
-        asleep()
-            || relay
-                .stats
-                .sleeps
-                .load(std::sync::atomic::Ordering::Relaxed)
-                >= 2
-    );
+    assert!(asleep() || relay.stats.sleeps.load(Ordering::Relaxed) >= 2);
     relay.stop().await;
 }
 
@@ -446,6 +448,8 @@ async fn every_task_starts_promptly_as_the_worker_goes_to_sleep_and_wakes() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    // Quiet, as in the relay's test: no notification is pending when the
+    // transaction commits, so only the worker's sweep can find its task.
     tokio::time::sleep(Duration::from_millis(300)).await;
     tx.commit().await.unwrap();
     let deadline = Instant::now() + PROMPT;
@@ -456,7 +460,7 @@ async fn every_task_starts_promptly_as_the_worker_goes_to_sleep_and_wakes() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(stats.sleeps.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    assert!(stats.sleeps.load(Ordering::Relaxed) > 0);
     stop.cancel();
     handle.await.unwrap().unwrap();
 }

@@ -4,16 +4,14 @@
 //! fresh migrated database per test. Clicks change the database; the tests
 //! check the rows.
 //!
-//! `cargo test --test dashboard -- --ignored screenshots` refreshes the PNGs
+//! `cargo test --test suite dashboard::screenshots -- --ignored` refreshes the PNGs
 //! in docs/ from a seeded database.
-
-mod common;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::TestDb;
+use crate::common::{free_port, wait_for, TestDb};
 use fantoccini::{Client, ClientBuilder, Locator};
 use herald::admin::dashboard::Dashboard;
 use herald::admin::{AdminState, SharedState};
@@ -46,14 +44,6 @@ fn chromium_path() -> String {
          chromium-driver`), or point HERALD_CHROMIUM at a Chromium binary"
     );
     path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// chromedriver in its own process group (killed with its browsers on drop)
@@ -193,14 +183,6 @@ async fn flash_when(c: &fantoccini::Client, done: impl Fn(&str) -> bool) -> Stri
             return last;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-async fn wait_for(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -807,7 +789,7 @@ async fn posts_without_a_valid_csrf_token_or_from_another_site_are_refused() {
 }
 
 /// Refresh docs/dashboard-*.png from a seeded database:
-/// `cargo test --test dashboard -- --ignored screenshots`.
+/// `cargo test --test suite dashboard::screenshots -- --ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "writes docs/dashboard-*.png; run by hand"]
 async fn screenshots() {
@@ -887,7 +869,7 @@ async fn screenshots() {
 
     let browser = Browser::start().await;
     let c = &browser.client;
-    let docs = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs");
+    let docs = crate::common::repo_root().join("docs");
     for (path, file) in [
         ("/".to_string(), "dashboard-overview.png"),
         ("/queues".to_string(), "dashboard-queues.png"),

@@ -2,11 +2,11 @@
 //! Redis: commit/rollback, the envelope, the SQL function, bad input,
 //! archive retention and concurrent migrations.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
-use common::TestDb;
+use crate::common::TestDb;
 use herald::{Event, Outbox};
 use serde_json::json;
 
@@ -371,7 +371,7 @@ async fn fresh_database_migrates_in_parallel() {
 
 /// The highest V<n> among the migration files in sql/.
 fn latest_migration() -> i32 {
-    std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../sql"))
+    std::fs::read_dir(crate::common::repo_root().join("sql"))
         .unwrap()
         .filter_map(|e| {
             let name = e.ok()?.file_name().into_string().ok()?;

@@ -1,5 +1,5 @@
-//! Test harness: every test gets its own database (created, migrated and
-//! dropped here) and its own Redis channel prefix, so tests run in parallel
+//! Test harness: every test gets its own database (cloned from a migrated
+//! template and dropped here) and its own Redis channel prefix, so tests run in parallel
 //! against the real Postgres and Redis without seeing each other.
 #![allow(dead_code)]
 
@@ -8,11 +8,16 @@ pub mod proxy;
 use std::collections::HashMap;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use herald::{Config, Delivery, Envelope, Relay, Subscriber};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::Layer;
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
@@ -24,6 +29,49 @@ pub fn admin_url() -> String {
 
 pub fn redis_url() -> String {
     std::env::var("HERALD_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+static TRACING: OnceLock<(SdkTracerProvider, InMemorySpanExporter)> = OnceLock::new();
+
+/// The process's one tracing subscriber and metrics recorder, shared by
+/// every test of the binary (both are process-wide and can be installed
+/// once): log lines as `herald` prints them (`RUST_LOG`, default info),
+/// captured per test where the test's thread logs, and every `info` span
+/// recorded in memory for the span assertions of `telemetry`. Every test
+/// calls this (through `TestDb`) before anything logs, so no other
+/// subscriber gets there first.
+pub fn init_tracing() {
+    span_exporter();
+}
+
+/// The in-memory exporter of [`init_tracing`]'s subscriber. It holds the
+/// spans of all tests: look spans up by an attribute of your own test.
+pub fn span_exporter() -> InMemorySpanExporter {
+    TRACING
+        .get_or_init(|| {
+            let exporter = InMemorySpanExporter::default();
+            let provider = SdkTracerProvider::builder()
+                .with_simple_exporter(exporter.clone())
+                .build();
+            let logs_filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,refinery_core=warn"));
+            let logs = tracing_subscriber::fmt::layer()
+                .compact()
+                .with_target(false)
+                .with_test_writer()
+                .with_filter(logs_filter);
+            let spans = tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("herald-test"))
+                .with_filter(tracing_subscriber::EnvFilter::new("info"));
+            tracing::subscriber::set_global_default(
+                tracing_subscriber::registry().with(logs).with(spans),
+            )
+            .expect("the tests' subscriber is the first");
+            herald::telemetry::init_metrics().expect("the metrics recorder");
+            (provider, exporter)
+        })
+        .1
+        .clone()
 }
 
 pub struct TestDb {
@@ -38,7 +86,7 @@ impl TestDb {
 
     /// A fresh, migrated database; `tweak` adjusts the configuration first.
     pub async fn with(tweak: impl FnOnce(&mut Config)) -> TestDb {
-        herald::telemetry::init(herald::config::LogFormat::Pretty);
+        init_tracing();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
         let name = format!(
             "herald_test_{}_{}_{}",
@@ -46,9 +94,10 @@ impl TestDb {
             n,
             uuid::Uuid::now_v7().simple().to_string()[20..].to_owned()
         );
+        let template = template_database();
         let admin = admin_client().await;
         admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
             .await
             .expect("creating the test database");
         let mut url = url::Url::parse(&admin_url()).expect("HERALD_TEST_DATABASE_URL");
@@ -61,6 +110,8 @@ impl TestDb {
         };
         config.relay.poll_interval = Duration::from_secs(5);
         tweak(&mut config);
+        // The clone has every migration already: this writes the test's
+        // settings (partitions, payload limit) as `herald migrate` would.
         herald::migrate::migrate(&config)
             .await
             .expect("migrating the test database");
@@ -96,6 +147,120 @@ impl TestDb {
         let sub = Subscriber::from_config(&self.config).unwrap().pattern("*");
         Collector::start(&self.config, sub).await
     }
+}
+
+/// The repository's root (sql/, docs/), wherever the test's package sits:
+/// this crate's directory, or its parent when the suite is built from a
+/// workspace member.
+pub fn repo_root() -> std::path::PathBuf {
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    if dir.join("sql").is_dir() {
+        return dir;
+    }
+    dir.parent()
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or(dir)
+}
+
+static TEMPLATE: OnceLock<String> = OnceLock::new();
+
+/// Advisory lock (on the admin database) held while a template is built, so
+/// that test processes started together build it once.
+const TEMPLATE_LOCK: i64 = 0x6865_7261_6c64_7470;
+
+/// The migrated database every `TestDb` is cloned from: one per content of
+/// sql/, named after its hash, built once on the server and reused by every
+/// later run until a migration changes. Built under a new name and renamed
+/// when complete, so one that exists is whole.
+fn template_database() -> String {
+    TEMPLATE
+        .get_or_init(|| {
+            // Tests run on different runtimes: build on a runtime of its own.
+            std::thread::spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime")
+                    .block_on(build_template())
+            })
+            .join()
+            .expect("building the template database")
+        })
+        .clone()
+}
+
+async fn build_template() -> String {
+    let name = format!("herald_tpl_{:016x}", sql_hash());
+    let admin = admin_client().await;
+    admin
+        .execute("SELECT pg_advisory_lock($1)", &[&TEMPLATE_LOCK])
+        .await
+        .expect("taking the template lock");
+    let exists = admin
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
+        .await
+        .expect("looking for the template database")
+        .is_some();
+    if !exists {
+        let building = format!("{name}_building");
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)"),
+            format!("CREATE DATABASE {building}"),
+        ] {
+            admin.batch_execute(&sql).await.expect(&sql);
+        }
+        let mut url = url::Url::parse(&admin_url()).expect("HERALD_TEST_DATABASE_URL");
+        url.set_path(&format!("/{building}"));
+        let config = Config {
+            database_url: url.to_string(),
+            ..Config::default()
+        };
+        herald::migrate::migrate(&config)
+            .await
+            .expect("migrating the template database");
+        // The migration's session may still be closing: end it, so that the
+        // rename (which needs the database to itself) goes through.
+        for sql in [
+            format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{building}'"
+            ),
+            format!("ALTER DATABASE {building} RENAME TO {name}"),
+            format!("ALTER DATABASE {name} WITH IS_TEMPLATE true ALLOW_CONNECTIONS false"),
+        ] {
+            admin.batch_execute(&sql).await.expect(&sql);
+        }
+    }
+    admin
+        .execute("SELECT pg_advisory_unlock($1)", &[&TEMPLATE_LOCK])
+        .await
+        .expect("releasing the template lock");
+    name
+}
+
+/// FNV-1a over sql/'s file names and contents, in name order: a stable name
+/// for the schema they build.
+fn sql_hash() -> u64 {
+    let dir = repo_root().join("sql");
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+        .map(|entry| entry.expect("an entry of sql/").path())
+        .collect();
+    files.sort();
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for path in files {
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .as_encoded_bytes()
+            .to_vec();
+        let text =
+            std::fs::read(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+        for byte in name.iter().chain(&text) {
+            hash ^= u64::from(*byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    hash
 }
 
 async fn admin_client() -> tokio_postgres::Client {
@@ -160,6 +325,46 @@ impl RelayTask {
             .expect("relay stops within 15 s")
             .expect("relay task")
             .expect("relay ends without error");
+    }
+}
+
+/// An in-process `Worker` on its own pool, stopped through its token.
+pub struct WorkerTask {
+    token: CancellationToken,
+    handle: tokio::task::JoinHandle<herald::Result<()>>,
+    pub stats: std::sync::Arc<herald::worker::WorkerStats>,
+    pub id: String,
+}
+
+impl WorkerTask {
+    pub fn start(config: &Config, registry: herald::Registry) -> WorkerTask {
+        let pool = herald::db::pool(config, "herald-worker").expect("worker pool");
+        let worker = herald::Worker::new(config, pool, registry);
+        let stats = worker.stats();
+        let id = worker.id().to_string();
+        let token = CancellationToken::new();
+        let handle = tokio::spawn(worker.run(token.clone()));
+        WorkerTask {
+            token,
+            handle,
+            stats,
+            id,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.token.cancel();
+        tokio::time::timeout(Duration::from_secs(15), self.handle)
+            .await
+            .expect("worker stops within 15 s")
+            .expect("worker task")
+            .expect("worker ends without error");
+    }
+
+    /// Stop without waiting for handlers that may never end.
+    pub fn abort(self) {
+        self.token.cancel();
+        self.handle.abort();
     }
 }
 
@@ -476,4 +681,113 @@ pub async fn wait_for_count(client: &tokio_postgres::Client, sql: &str, want: i6
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// What a finished `herald` run printed, and whether it succeeded.
+pub struct Run {
+    pub ok: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl From<std::process::Output> for Run {
+    fn from(out: std::process::Output) -> Run {
+        Run {
+            ok: out.status.success(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+/// `herald <args…>` run to its end (see [`herald_output`]).
+pub async fn herald_run(config: &Config, args: &[&str]) -> Run {
+    Run::from(herald_output(config, args).await)
+}
+
+/// `herald <args…>` that must succeed; its stdout.
+pub async fn herald_ok(config: &Config, args: &[&str]) -> String {
+    let run = herald_run(config, args).await;
+    assert!(
+        run.ok,
+        "herald {} failed: {}{}",
+        args.join(" "),
+        run.stdout,
+        run.stderr
+    );
+    run.stdout
+}
+
+/// `herald <args…>` that must fail; its stderr.
+pub async fn herald_fails(config: &Config, args: &[&str]) -> String {
+    let run = herald_run(config, args).await;
+    assert!(
+        !run.ok,
+        "herald {} should have failed: {}",
+        args.join(" "),
+        run.stdout
+    );
+    run.stderr
+}
+
+/// Poll `check` until it holds; fail the test after `timeout`, naming `what`.
+pub async fn wait_for(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !check().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Poll `cond` until it holds or `within` passes; whether it held.
+pub async fn until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    cond()
+}
+
+/// A configuration on `redis_url` alone (no database) with a channel prefix,
+/// hence a cache namespace, of the calling test's own and a short connect
+/// timeout.
+pub fn config_on(redis_url: &str, response_timeout: Duration) -> Config {
+    init_tracing();
+    let mut config = Config {
+        redis_url: redis_url.to_string(),
+        channel_prefix: format!("herald:redistest:{}:", uuid::Uuid::now_v7().simple()),
+        ..Config::default()
+    };
+    config.redis.connect_timeout = Duration::from_millis(500);
+    config.redis.response_timeout = response_timeout;
+    config
+}
+
+/// A multiplexed connection to the Redis at `url`.
+pub async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .expect("a Redis URL")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connecting to Redis")
+}
+
+/// PUBLISH one message; how many subscribers received it.
+pub async fn redis_publish(
+    conn: &mut redis::aio::MultiplexedConnection,
+    channel: &str,
+    msg: &str,
+) -> i64 {
+    redis::cmd("PUBLISH")
+        .arg(channel)
+        .arg(msg)
+        .query_async(conn)
+        .await
+        .expect("PUBLISH")
 }

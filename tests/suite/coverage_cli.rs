@@ -4,12 +4,15 @@
 //! Each test checks what is printed, what is stored and what is refused
 //! (with its message), and that a secret in a URL never reaches the output.
 
-mod common;
+use crate::common;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{herald_output, scalar, wait_for_count, RedisServer, TestDb};
+use crate::common::{
+    herald_fails as fails, herald_ok as ok, herald_output, redis_publish, scalar, wait_for_count,
+    RedisServer, Run, TestDb,
+};
 use herald::events::EventType;
 use herald::{Config, Event, Registry, Task, TaskContext, Worker};
 use serde_json::{json, Value};
@@ -17,47 +20,6 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Child;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-
-struct Run {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-impl From<std::process::Output> for Run {
-    fn from(out: std::process::Output) -> Run {
-        Run {
-            ok: out.status.success(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
-    }
-}
-
-/// `herald <args…>` that must succeed; its stdout.
-async fn ok(config: &Config, args: &[&str]) -> String {
-    let run = Run::from(herald_output(config, args).await);
-    assert!(
-        run.ok,
-        "herald {} failed: {}{}",
-        args.join(" "),
-        run.stdout,
-        run.stderr
-    );
-    run.stdout
-}
-
-/// `herald <args…>` that must fail; its stderr.
-async fn fails(config: &Config, args: &[&str]) -> String {
-    let run = Run::from(herald_output(config, args).await);
-    assert!(
-        !run.ok,
-        "herald {} should have failed: {}",
-        args.join(" "),
-        run.stdout
-    );
-    run.stderr
-}
 
 /// `herald <args…>` as [`herald_output`] runs it, plus `env`, with its
 /// output piped.
@@ -184,20 +146,6 @@ async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
         .expect("connecting to Redis")
 }
 
-/// PUBLISH; how many subscribers received it.
-async fn redis_publish(
-    conn: &mut redis::aio::MultiplexedConnection,
-    channel: &str,
-    msg: &str,
-) -> i64 {
-    redis::cmd("PUBLISH")
-        .arg(channel)
-        .arg(msg)
-        .query_async(conn)
-        .await
-        .expect("PUBLISH")
-}
-
 /// PUBLISH `msg` until a subscriber receives it (so it arrives exactly
 /// once): the way to know that `herald tail` has subscribed.
 async fn publish_once_subscribed(
@@ -239,7 +187,7 @@ async fn migrate_lists_what_it_applied_then_says_the_schema_is_current() {
         .expect("emptying the database");
     // Every migration in sql/, in version order.
     let mut migrations: Vec<(i32, String)> =
-        std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../sql"))
+        std::fs::read_dir(crate::common::repo_root().join("sql"))
             .expect("sql/")
             .map(|e| {
                 let name = e.expect("a directory entry").file_name();

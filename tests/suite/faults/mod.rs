@@ -4,9 +4,6 @@
 //! promises (events lost, duplicated or reordered; overlapping runs of a
 //! task), never only that nothing crashed. docs/faults.md lists them.
 
-#[path = "../common/mod.rs"]
-mod common;
-
 mod holes;
 mod proxy;
 mod relay;

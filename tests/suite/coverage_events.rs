@@ -4,55 +4,15 @@
 //! configuration errors, and subscription validation and CRUD through the
 //! library (what the rows hold after each call).
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 
-use common::{herald_output, scalar, TestDb};
+use crate::common::{herald_fails as fails, herald_ok as ok, scalar, TestDb};
 use herald::events::{describe, Catalog, DeliveryMode, EventType, Publisher, Violation};
 use herald::subscriptions::{self, Subscription};
 use herald::{Config, Error, Event, Registry};
 use serde_json::{json, Value};
-
-struct Run {
-    ok: bool,
-    stdout: String,
-    stderr: String,
-}
-
-async fn herald(config: &Config, args: &[&str]) -> Run {
-    let out = herald_output(config, args).await;
-    Run {
-        ok: out.status.success(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-/// `herald <args…>` that must succeed; its stdout.
-async fn ok(config: &Config, args: &[&str]) -> String {
-    let run = herald(config, args).await;
-    assert!(
-        run.ok,
-        "herald {} failed: {}{}",
-        args.join(" "),
-        run.stdout,
-        run.stderr
-    );
-    run.stdout
-}
-
-/// `herald <args…>` that must fail; its stderr.
-async fn fails(config: &Config, args: &[&str]) -> String {
-    let run = herald(config, args).await;
-    assert!(
-        !run.ok,
-        "herald {} should have failed: {}",
-        args.join(" "),
-        run.stdout
-    );
-    run.stderr
-}
 
 fn config_without_database() -> Config {
     // `herald events list` reads only the configuration.

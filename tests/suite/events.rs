@@ -3,13 +3,11 @@
 //! subscriptions fanned out by the relay (overlapping patterns, a failing
 //! subscriber), and exactly-once effects through `herald.processed_events`.
 
-mod common;
-
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{scalar as count, wait_for_count as eventually, TestDb};
+use crate::common::{scalar as count, wait_for_count as eventually, TestDb};
 use herald::events::{DeliveryMode, EventType, Publisher};
 use herald::subscriptions::{Applied, Subscription};
 use herald::{Config, Event, Registry, Worker};
@@ -303,6 +301,7 @@ async fn durable_subscriptions_each_get_every_matching_event_and_a_failing_one_i
         .await
         .unwrap();
     eventually(&client, "SELECT count(*) FROM herald.outbox", 0, "relayed").await;
+    // Nothing more may arrive for the disabled subscription: give it the time.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
         count(

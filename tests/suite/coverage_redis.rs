@@ -10,14 +10,14 @@
 //! secret parts). Real Redis throughout: a test that stops, cuts or delays
 //! Redis uses a private redis-server or a proxy of its own.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::proxy::{Dir, Proxy};
-use common::{RedisServer, TestDb};
+use crate::common::proxy::{Dir, Proxy};
+use crate::common::{redis_conn as conn, redis_publish as publish_raw, RedisServer, TestDb};
 use herald::cache::{BoxError, Cache, CacheBuilder, Codec};
 use herald::pubsub::{publish_all, publish_each, redis_pool, refuses_everything, Sent};
 use herald::{Config, Delivery, Error, Subscriber};
@@ -25,40 +25,8 @@ use herald::{Config, Delivery, Error, Subscriber};
 type Loaded<T> = Result<Option<T>, std::io::Error>;
 type LoadFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = Loaded<T>> + Send>>;
 
-/// A configuration on `redis_url` with a channel prefix (hence a cache
-/// namespace) of this test's own.
 fn config_on(redis_url: &str) -> Config {
-    herald::telemetry::init(herald::config::LogFormat::Pretty);
-    let mut config = Config {
-        redis_url: redis_url.to_string(),
-        channel_prefix: format!("herald:covredis:{}:", uuid::Uuid::now_v7().simple()),
-        ..Config::default()
-    };
-    config.redis.connect_timeout = Duration::from_millis(500);
-    config.redis.response_timeout = Duration::from_secs(5);
-    config
-}
-
-async fn conn(url: &str) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
-}
-
-/// PUBLISH one message; the number of subscribers that received it.
-async fn publish_raw(
-    conn: &mut redis::aio::MultiplexedConnection,
-    channel: &str,
-    msg: &str,
-) -> i64 {
-    redis::cmd("PUBLISH")
-        .arg(channel)
-        .arg(msg)
-        .query_async(conn)
-        .await
-        .unwrap()
+    common::config_on(redis_url, Duration::from_secs(5))
 }
 
 fn envelope(topic: &str, key: &str, n: u64) -> String {

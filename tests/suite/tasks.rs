@@ -5,7 +5,7 @@
 //! keys, cancellation, graceful shutdown, transactional enqueue, bad input,
 //! batch enqueue, panics, timeouts, snoozes and progress.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -13,14 +13,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::{scalar as count, TestDb, WorkerTask};
 use chrono::{DateTime, Utc};
-use common::TestDb;
-use herald::worker::{KindOptions, RetryPolicy, WorkerStats};
-use herald::{Config, Outcome, Queue, Registry, Task, TaskContext, Worker};
+use herald::worker::{KindOptions, RetryPolicy};
+use herald::{Config, Outcome, Queue, Registry, Task, TaskContext};
 use serde_json::{json, Value};
 use tokio::sync::Notify;
 use tokio_postgres::Client;
-use tokio_util::sync::CancellationToken;
 
 /// What handlers record, read by the test.
 type Shared<T> = Arc<Mutex<Vec<T>>>;
@@ -35,40 +34,6 @@ fn fast(c: &mut Config) {
     c.worker.shutdown_grace = Duration::from_secs(2);
     // The machine's Postgres is shared: keep each test's connections few.
     c.postgres.pool_size = 4;
-}
-
-/// An in-process `Worker` on its own pool, stopped through its token.
-struct WorkerTask {
-    token: CancellationToken,
-    handle: tokio::task::JoinHandle<herald::Result<()>>,
-    stats: Arc<WorkerStats>,
-    id: String,
-}
-
-impl WorkerTask {
-    fn start(config: &Config, registry: Registry) -> WorkerTask {
-        let pool = herald::db::pool(config, "herald-worker").expect("worker pool");
-        let worker = Worker::new(config, pool, registry);
-        let stats = worker.stats();
-        let id = worker.id().to_string();
-        let token = CancellationToken::new();
-        let handle = tokio::spawn(worker.run(token.clone()));
-        WorkerTask {
-            token,
-            handle,
-            stats,
-            id,
-        }
-    }
-
-    async fn stop(self) {
-        self.token.cancel();
-        tokio::time::timeout(Duration::from_secs(15), self.handle)
-            .await
-            .expect("worker stops within 15 s")
-            .expect("worker task")
-            .expect("worker ends without error");
-    }
 }
 
 /// A `herald worker` child process.
@@ -101,21 +66,7 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
-
-async fn count(client: &Client, sql: &str) -> i64 {
-    client.query_one(sql, &[]).await.expect(sql).get(0)
+    crate::common::wait_for(what, timeout, async || check().await).await
 }
 
 async fn count_id(client: &Client, sql: &str, id: i64) -> i64 {

@@ -3,41 +3,22 @@
 //! to the worker's task span, and the Prometheus metrics move. Real Postgres
 //! and Redis; the spans go to the SDK's in-memory exporter.
 
-mod common;
+use crate::common;
 
-use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::TestDb;
-use herald::{Config, Event, Registry, Task, Worker};
-use opentelemetry::trace::{SpanId, TraceContextExt, TraceId, TracerProvider as _};
+use crate::common::{TestDb, WorkerTask};
+use herald::{Config, Event, Registry, Task};
+use opentelemetry::trace::{SpanId, TraceContextExt, TraceId};
 use opentelemetry::Value;
-use opentelemetry_sdk::trace::{InMemorySpanExporter, SdkTracerProvider, SpanData};
+use opentelemetry_sdk::trace::{InMemorySpanExporter, SpanData};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::layer::SubscriberExt;
 
-static OTEL: OnceLock<(SdkTracerProvider, InMemorySpanExporter)> = OnceLock::new();
-
-/// One process-wide subscriber with an OpenTelemetry layer feeding an
-/// in-memory exporter, and the Prometheus recorder. Installed before any
-/// `TestDb` (whose own `telemetry::init` then finds a subscriber and leaves it).
+/// Spans are recorded by the suite's one subscriber (common::init_tracing).
 fn exporter() -> InMemorySpanExporter {
-    OTEL.get_or_init(|| {
-        let exporter = InMemorySpanExporter::default();
-        let provider = SdkTracerProvider::builder()
-            .with_simple_exporter(exporter.clone())
-            .build();
-        let subscriber = tracing_subscriber::registry()
-            .with(tracing_subscriber::EnvFilter::new("info"))
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("herald-test")));
-        tracing::subscriber::set_global_default(subscriber).expect("first subscriber");
-        herald::telemetry::init_metrics().expect("recorder");
-        (provider, exporter)
-    })
-    .1
-    .clone()
+    common::span_exporter()
 }
 
 fn tweak(c: &mut Config) {
@@ -87,19 +68,6 @@ fn ids_of(span: &tracing::Span) -> (TraceId, SpanId) {
         "the producer span has an OpenTelemetry context"
     );
     (sc.trace_id(), sc.span_id())
-}
-
-fn start_worker(
-    config: &Config,
-    registry: Registry,
-) -> (
-    CancellationToken,
-    tokio::task::JoinHandle<herald::Result<()>>,
-) {
-    let pool = herald::db::pool(config, "herald-worker").expect("pool");
-    let token = CancellationToken::new();
-    let handle = tokio::spawn(Worker::new(config, pool, registry).run(token.clone()));
-    (token, handle)
 }
 
 async fn stop(token: CancellationToken, handle: tokio::task::JoinHandle<herald::Result<()>>) {
@@ -159,7 +127,7 @@ async fn task_span_is_a_child_of_the_enqueuing_span() {
         stored.headers
     );
 
-    let (token, handle) = start_worker(&db.config, Registry::new());
+    let worker = WorkerTask::start(&db.config, Registry::new());
     let spans = spans_where(
         &exporter,
         "herald.task.run",
@@ -167,7 +135,7 @@ async fn task_span_is_a_child_of_the_enqueuing_span() {
         Value::from("traced"),
     )
     .await;
-    stop(token, handle).await;
+    worker.stop().await;
 
     assert_eq!(spans.len(), 1, "one run span in queue traced");
     assert_eq!(attr(&spans[0], "herald.task.id"), Some(&Value::I64(id)));
@@ -206,7 +174,7 @@ async fn event_trace_context_crosses_the_relay_to_the_durable_subscriber() {
             Ok(())
         })
         .unwrap();
-    let (token, handle) = start_worker(&db.config, registry);
+    let worker = WorkerTask::start(&db.config, registry);
     // The worker writes the subscription when it starts.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while db.count("SELECT count(*) FROM herald.subscriptions").await == 0 {
@@ -241,7 +209,7 @@ async fn event_trace_context_crosses_the_relay_to_the_durable_subscriber() {
         .filter(|s| s.name == "herald.relay.batch")
         .collect();
     relay.stop().await;
-    stop(token, handle).await;
+    worker.stop().await;
 
     let run = spans
         .iter()
@@ -254,9 +222,14 @@ async fn event_trace_context_crosses_the_relay_to_the_durable_subscriber() {
     );
 
     // The relay's batch span reports what it held and published.
+    // Other tests' relays share the exporter: look for this test's batch by
+    // what it held, one event fanned out once.
     let batch = batches
         .iter()
-        .find(|b| attr(b, "herald.relay.fanned_out") == Some(&Value::I64(1)))
+        .find(|b| {
+            attr(b, "herald.relay.fanned_out") == Some(&Value::I64(1))
+                && attr(b, "herald.relay.events") == Some(&Value::I64(1))
+        })
         .unwrap_or_else(|| {
             let attrs: Vec<_> = batches.iter().map(|b| &b.attributes).collect();
             panic!("a relay batch span that fanned out the event: {attrs:?}")
@@ -294,7 +267,7 @@ async fn metrics_follow_the_task_lifecycle() {
     );
     herald::enqueue_batch(&client, &tasks).await.unwrap();
 
-    let (token, handle) = start_worker(&db.config, Registry::new());
+    let worker = WorkerTask::start(&db.config, Registry::new());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     loop {
         let text = herald::telemetry::render_metrics();
@@ -317,7 +290,7 @@ async fn metrics_follow_the_task_lifecycle() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    stop(token, handle).await;
+    worker.stop().await;
 
     let text = herald::telemetry::render_metrics();
     let m = |name: &str, labels: &[(&str, &str)]| metric(&text, name, labels);

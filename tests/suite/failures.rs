@@ -3,11 +3,11 @@
 //! LISTEN connection terminated, Redis unreachable until events become dead
 //! letters, and a clean SIGTERM.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 
-use common::{Collector, RedisServer, RelayProcess, TestDb};
+use crate::common::{Collector, RedisServer, RelayProcess, TestDb};
 use herald::Subscriber;
 use serde_json::json;
 

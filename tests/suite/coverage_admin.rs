@@ -7,13 +7,13 @@
 //! Redis (through the fault proxy where a server must misbehave), plain HTTP
 //! against the real router, and `herald` child processes.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::proxy::Proxy;
-use common::TestDb;
+use crate::common::proxy::Proxy;
+use crate::common::{wait_for, TestDb};
 use herald::admin::dashboard::Dashboard;
 use herald::admin::{AdminState, Readiness, SharedState};
 use herald::nodes::{Node, Role};
@@ -186,14 +186,6 @@ fn row_cells(html: &str, marker: &str) -> Vec<String> {
         .skip(1)
         .map(|cell| text_of(&format!("<td{cell}")))
         .collect()
-}
-
-async fn wait_for(what: &str, timeout: Duration, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Log lines captured by a subscriber set as the test thread's default
@@ -1284,7 +1276,7 @@ async fn telemetry_set_up_twice_with_a_foreign_recorder_and_a_stuck_collector() 
     let started = Instant::now();
     let output = tokio::process::Command::new(std::env::current_exe().unwrap())
         .args([
-            "telemetry_child",
+            "coverage_admin::telemetry_child",
             "--exact",
             "--ignored",
             "--nocapture",

@@ -2,16 +2,14 @@
 //! completes, a 500 and a timeout are retried, a 400 is a dead letter at
 //! once, and the receiver verifies every signature.
 
-mod common;
-
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::{wait_for_count as eventually, TestDb};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use common::{wait_for_count as eventually, TestDb};
 use herald::subscriptions::Subscription;
 use herald::{Registry, Worker};
 use tokio_util::sync::CancellationToken;

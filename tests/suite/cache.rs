@@ -2,7 +2,7 @@
 //! invalidation). Each test uses its own namespace; the tests that stop Redis
 //! or kill its connections run a private redis-server.
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -11,23 +11,14 @@ use std::time::{Duration, Instant};
 use herald::cache::{Cache, CacheBuilder};
 use herald::Config;
 
-use common::{RedisServer, TestDb};
+use crate::common::{RedisServer, TestDb};
 
 type Loaded<T> = Result<Option<T>, std::io::Error>;
 type LoadFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = Loaded<T>> + Send>>;
 
-/// A configuration on `redis_url` with a unique channel prefix (hence a
-/// unique cache namespace) and short Redis timeouts.
+/// A configuration on `redis_url` with short Redis timeouts.
 fn config_on(redis_url: &str) -> Config {
-    herald::telemetry::init(herald::config::LogFormat::Pretty);
-    let mut config = Config {
-        redis_url: redis_url.to_string(),
-        channel_prefix: format!("herald:cachetest:{}:", uuid::Uuid::now_v7().simple()),
-        ..Config::default()
-    };
-    config.redis.connect_timeout = Duration::from_millis(500);
-    config.redis.response_timeout = Duration::from_millis(500);
-    config
+    common::config_on(redis_url, Duration::from_millis(500))
 }
 
 fn builder() -> CacheBuilder {
@@ -105,7 +96,10 @@ async fn waiters_take_over_when_the_loading_caller_is_cancelled() {
         let loader = counting(&calls, Duration::from_secs(30), Some("never".to_string()));
         tokio::spawn(async move { cache.get_or_load("abandoned", ttl, loader).await })
     };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        common::until(Duration::from_secs(5), || calls.load(Ordering::SeqCst) == 1).await,
+        "the leader starts loading"
+    );
     let waiter = {
         let cache = cache.clone();
         let loader = counting(&calls, Duration::ZERO, Some("waiter".to_string()));
@@ -135,6 +129,7 @@ async fn a_value_expires_with_its_ttl() {
         assert_eq!(v, Some(7));
         assert_eq!(calls.load(Ordering::SeqCst), expected_calls);
     }
+    // Past the TTL: expiry is the clock's business.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let v: Option<u32> = cache
         .get_or_load("ttl", ttl, counting(&calls, Duration::ZERO, Some(8)))
@@ -158,6 +153,7 @@ async fn jittered_ttl_is_never_longer_than_asked() {
             .await
             .unwrap();
     }
+    // Past every jittered TTL: expiry is the clock's business.
     tokio::time::sleep(Duration::from_millis(800)).await;
     for i in 0..20 {
         let _: Option<u32> = cache
@@ -194,6 +190,7 @@ async fn a_missing_value_is_cached_for_the_negative_ttl() {
     assert_eq!(calls.load(Ordering::SeqCst), 1, "None was cached");
     assert_eq!(cache.stats().negative_hits, 2);
 
+    // Past the negative entry's TTL.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let v: Option<String> = cache
         .get_or_load(

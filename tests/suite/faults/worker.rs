@@ -8,13 +8,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use herald::worker::WorkerStats;
-use herald::{Config, Registry, Task, TaskContext, Worker};
+use herald::{Config, Registry, Task, TaskContext};
 use serde_json::{json, Value};
-use tokio_util::sync::CancellationToken;
 
-use super::common::proxy::Proxy;
-use super::common::TestDb;
+use crate::common::proxy::Proxy;
+use crate::common::{until, TestDb, WorkerTask};
 
 /// One run of a handler.
 #[derive(Debug, Clone)]
@@ -104,46 +102,6 @@ impl Runs {
             .expect("counting overlaps")
             .get(0)
     }
-}
-
-/// An in-process worker on its own handlers' pool.
-struct WorkerTask {
-    token: CancellationToken,
-    handle: tokio::task::JoinHandle<herald::Result<()>>,
-    stats: Arc<WorkerStats>,
-}
-
-impl WorkerTask {
-    fn start(config: &Config, registry: Registry) -> WorkerTask {
-        let pool = herald::db::pool(config, "herald-worker").expect("worker pool");
-        let worker = Worker::new(config, pool, registry);
-        let stats = worker.stats();
-        let token = CancellationToken::new();
-        let handle = tokio::spawn(worker.run(token.clone()));
-        WorkerTask {
-            token,
-            handle,
-            stats,
-        }
-    }
-
-    /// Stop without waiting for handlers that may never end.
-    fn abort(self) {
-        self.token.cancel();
-        self.handle.abort();
-    }
-}
-
-/// Poll `cond` every 50 ms until it holds or `within` passes.
-async fn until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    cond()
 }
 
 async fn until_sql(db: &TestDb, within: Duration, sql: &str, want: i64) -> bool {
@@ -648,7 +606,7 @@ async fn lost_claim_reply_hands_the_tasks_back() {
         // Replies held 2 s rather than blackholed: a claim on a connection
         // that must first be opened or prepare its statement still reaches
         // the server, and the test cuts before its reply passes.
-        proxy.delay(super::common::proxy::Dir::Down, Duration::from_secs(2));
+        proxy.delay(crate::common::proxy::Dir::Down, Duration::from_secs(2));
         // All five in one statement, so that one claim takes them all.
         let tasks: Vec<Task> = (0..5)
             .map(|_| Task::new("fault.quick", &json!({})).expect("task"))
