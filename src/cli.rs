@@ -491,6 +491,9 @@ async fn run(config: &Config, which: Services) -> anyhow::Result<()> {
         // One row in herald.nodes for this process, heartbeating until shutdown.
         let node = crate::nodes::Node::new(config, &roles);
         services.spawn(node.run(pool, shutdown.clone()));
+        // Every process campaigns; the elected one runs the maintenance.
+        let maintenance = crate::maintenance::Maintenance::new(config);
+        services.spawn(maintenance.run(shutdown.clone()));
     }
     while let Some(done) = services.join_next().await {
         // One service failing stops the others: the process exits non-zero
