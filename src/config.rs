@@ -454,8 +454,14 @@ impl MaintenanceConfig {
             ("maintenance.rescue_interval", self.rescue_interval),
             ("maintenance.clean_interval", Some(self.clean_interval)),
             ("maintenance.archive_interval", Some(self.archive_interval)),
-            ("maintenance.node_expiry_interval", self.node_expiry_interval),
-            ("maintenance.retention_interval", Some(self.retention_interval)),
+            (
+                "maintenance.node_expiry_interval",
+                self.node_expiry_interval,
+            ),
+            (
+                "maintenance.retention_interval",
+                Some(self.retention_interval),
+            ),
             (
                 "maintenance.processed_events_retention",
                 Some(self.processed_events_retention),

@@ -54,8 +54,10 @@ pub const LEADER_LOCK: (i32, i32) = (LEADER_LOCK_SPACE, 1);
 /// `application_name` of the session that campaigns for (and holds) the
 /// leader lock, to find it in pg_stat_activity.
 pub const APPLICATION_NAME: &str = "herald-maintenance";
+/// `application_name` of the leader's service connections.
+pub const SERVICES_APPLICATION_NAME: &str = "herald-maintenance-services";
 /// Name of the gauge that is 1 while this process is the leader.
-pub const LEADER_GAUGE: &str = "herald_maintenance_leader";
+pub const LEADER_GAUGE: &str = crate::telemetry::names::metric::MAINTENANCE_LEADER;
 
 /// Connections the leader's services share, opened on demand; a follower
 /// opens none.
@@ -99,7 +101,7 @@ impl Maintenance {
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let mut own = self.config.clone();
         own.postgres.pool_size = POOL_SIZE;
-        let pool = crate::db::pool(&own, "herald-maintenance")?;
+        let pool = crate::db::pool(&own, SERVICES_APPLICATION_NAME)?;
         let retry = self.config.maintenance.leader_retry;
         self.set_leader(false);
         let mut failing = false;
