@@ -300,6 +300,42 @@ async fn a_killed_herald_run_leader_is_replaced() {
     candidate.stop().await;
 }
 
+/// The leader is cut off from Postgres (a partition: its connection stays
+/// open, nothing passes): it stops its services, the server ends its silent
+/// session (idle_session_timeout), and the other candidate takes over.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partitioned_leader_is_replaced() {
+    let db = TestDb::with(fast).await;
+    let client = db.client().await;
+    let (proxy, url) = common::proxy::Proxy::for_url(&db.config.database_url).await;
+    let mut cut_off = db.config.clone();
+    cut_off.database_url = url;
+    let a = Candidate::start(&cut_off);
+    wait_until(WAIT, "A to lead", || async { a.leads() }).await;
+    let b = Candidate::start(&db.config);
+    let partitioned = Instant::now();
+    proxy.partition();
+    wait_until(WAIT, "A to stop leading", || async { !a.leads() }).await;
+    let stopped = partitioned.elapsed();
+    wait_until(WAIT, "B to lead", || async { b.leads() }).await;
+    let handover = partitioned.elapsed();
+    let node = stale_node(&client).await;
+    let c = &client;
+    wait_until(WAIT, "the dead node expired", || async move {
+        !node_exists(c, node).await
+    })
+    .await;
+    eprintln!(
+        "partitioned leader: stopped its services after {stopped:?}, new leader after \
+         {handover:?} (leader_retry {:?})",
+        db.config.maintenance.leader_retry
+    );
+    assert!(!a.leads());
+    proxy.heal();
+    a.stop().await;
+    b.stop().await;
+}
+
 /// Idempotency records older than the retention go; newer ones stay.
 #[tokio::test(flavor = "multi_thread")]
 async fn processed_events_past_their_retention_are_removed() {

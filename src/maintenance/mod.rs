@@ -64,6 +64,11 @@ pub const LEADER_GAUGE: &str = crate::telemetry::names::metric::MAINTENANCE_LEAD
 const POOL_SIZE: usize = 4;
 /// Longest the leader waits for its session to answer its check.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Least idle time after which the server ends a silent candidate's
+/// session (and so a cut-off leader's lock). A cut-off leader stops its
+/// services within `leader_retry + PROBE_TIMEOUT`, which is always less
+/// than `max(3 × leader_retry, this)`: it has stopped before another leads.
+const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest the services may take to stop once leadership ends.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -281,6 +286,20 @@ impl Session {
             };
             let _ = closed_tx.send(end);
         });
+        // A leader cut off from Postgres (lost host, hung proxy) keeps its
+        // lock until the server ends its session; candidates talk every
+        // leader_retry, so a session idle far longer is dead. Postgres
+        // before 14 lacks the setting: then only TCP keepalives end it.
+        let idle = (config.maintenance.leader_retry * 3).max(MIN_IDLE_TIMEOUT);
+        if let Err(error) = client
+            .batch_execute(&format!(
+                "SET idle_session_timeout = '{}ms'",
+                idle.as_millis()
+            ))
+            .await
+        {
+            tracing::debug!(%error, "idle_session_timeout not set on the election session");
+        }
         let backend_pid: i32 = client
             .query_one("SELECT pg_backend_pid()", &[])
             .await
