@@ -4,7 +4,8 @@
 //!
 //! It owns the start-up order (migrate, check the schema, sync configured
 //! subscriptions, then start the services), the process's row in
-//! `herald.nodes`, and the rule that one service failing stops the others.
+//! `herald.nodes`, its candidacy for maintenance leader, and the rule that
+//! one service failing stops the others.
 //! It must never start a service before the schema check passed, and never
 //! hold a statement of its own: every query belongs to the services it
 //! starts.
@@ -219,6 +220,9 @@ impl HeraldBuilder {
             // One row in herald.nodes for this process, heartbeating until shutdown.
             let node = Node::new(&config, &roles);
             services.spawn(node.run(pool, shutdown.clone()));
+            // Every process campaigns; the elected one runs the maintenance.
+            let maintenance = crate::maintenance::Maintenance::new(&config);
+            services.spawn(maintenance.run(shutdown.clone()));
         }
         Ok(Herald { services, shutdown })
     }

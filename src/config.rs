@@ -41,6 +41,7 @@ pub struct Config {
     pub schedules: Vec<Schedule>,
     pub admin: AdminConfig,
     pub nodes: NodesConfig,
+    pub maintenance: MaintenanceConfig,
     pub catalog: CatalogConfig,
     /// The event catalog (`[[events]]`): declared topics, their payload
     /// schemas and delivery modes.
@@ -106,9 +107,9 @@ pub struct RelayConfig {
     pub backoff_min: Duration,
     #[serde(with = "humantime_serde")]
     pub backoff_max: Duration,
-    /// VACUUM `herald.outbox` once this relay process has removed this many
-    /// events since its last one (and at most once a second); 0 leaves it
-    /// to autovacuum alone.
+    /// The maintenance leader VACUUMs `herald.outbox` once it gained this
+    /// many dead rows since its last VACUUM (checked every
+    /// `maintenance.vacuum_interval`); 0 leaves it to autovacuum alone.
     pub vacuum_after: u64,
     /// Keep published events in `herald.outbox_archive` this long; unset
     /// deletes them on publish.
@@ -149,7 +150,8 @@ pub struct WorkerConfig {
     /// Safety poll when no notification arrives.
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
-    /// How often expired leases are looked for.
+    /// How often the maintenance leader looks for expired leases, unless
+    /// `maintenance.rescue_interval` is set.
     #[serde(with = "humantime_serde")]
     pub rescue_interval: Duration,
     /// On SIGTERM, how long tasks in flight may take before they are
@@ -166,9 +168,9 @@ pub struct WorkerConfig {
     /// Longest retry delay.
     #[serde(with = "humantime_serde")]
     pub retry_max: Duration,
-    /// VACUUM `herald.tasks` once this worker process has finished this
-    /// many tasks since its last one (and at most once a second); 0 leaves
-    /// it to autovacuum alone.
+    /// The maintenance leader VACUUMs `herald.tasks` once it gained this
+    /// many dead rows since its last VACUUM (checked every
+    /// `maintenance.vacuum_interval`); 0 leaves it to autovacuum alone.
     pub vacuum_after: u64,
 }
 
@@ -299,6 +301,7 @@ impl Default for Config {
             schedules: Vec::new(),
             admin: AdminConfig::default(),
             nodes: NodesConfig::default(),
+            maintenance: MaintenanceConfig::default(),
             catalog: CatalogConfig::default(),
             events: Vec::new(),
             subscriptions: Vec::new(),
@@ -375,11 +378,13 @@ impl Default for AdminConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct NodesConfig {
-    /// How often a process refreshes its row (and expires dead ones).
+    /// How often a process refreshes its row (and, unless
+    /// `maintenance.node_expiry_interval` is set, how often the maintenance
+    /// leader expires dead ones).
     #[serde(with = "humantime_serde")]
     pub heartbeat_interval: Duration,
     /// A node that missed this many heartbeats is considered dead and its
-    /// row is deleted by the next node that heartbeats.
+    /// row is deleted by the maintenance leader.
     pub missed_heartbeats: u32,
 }
 
@@ -392,11 +397,94 @@ impl Default for NodesConfig {
     }
 }
 
+/// `[maintenance]`: the upkeep one elected process runs for the whole
+/// database (every process campaigns; see `src/maintenance/`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MaintenanceConfig {
+    /// How often a process that is not the leader tries to become it, and
+    /// the leader checks that its session still answers.
+    #[serde(with = "humantime_serde")]
+    pub leader_retry: Duration,
+    /// How often expired leases are rescued; unset is
+    /// `worker.rescue_interval`.
+    #[serde(with = "humantime_serde")]
+    pub rescue_interval: Option<Duration>,
+    /// How often finished tasks past `worker.retain_completed` are removed.
+    #[serde(with = "humantime_serde")]
+    pub clean_interval: Duration,
+    /// How often the archive's partitions are created and dropped (only
+    /// while `relay.retain_published` is set).
+    #[serde(with = "humantime_serde")]
+    pub archive_interval: Duration,
+    /// How often the rows of dead nodes are deleted; unset is
+    /// `nodes.heartbeat_interval`.
+    #[serde(with = "humantime_serde")]
+    pub node_expiry_interval: Option<Duration>,
+    /// How often `herald.processed_events` past its retention are deleted.
+    #[serde(with = "humantime_serde")]
+    pub retention_interval: Duration,
+    /// Keep durable subscribers' idempotency records this long; longer than
+    /// any event can be redelivered.
+    #[serde(with = "humantime_serde")]
+    pub processed_events_retention: Duration,
+    /// How often the dead rows of `herald.outbox` and `herald.tasks` are
+    /// compared with `relay.vacuum_after` and `worker.vacuum_after`.
+    #[serde(with = "humantime_serde")]
+    pub vacuum_interval: Duration,
+}
+
+impl Default for MaintenanceConfig {
+    fn default() -> Self {
+        MaintenanceConfig {
+            leader_retry: Duration::from_secs(2),
+            rescue_interval: None,
+            clean_interval: Duration::from_secs(60),
+            archive_interval: Duration::from_secs(600),
+            node_expiry_interval: None,
+            retention_interval: Duration::from_secs(3600),
+            processed_events_retention: Duration::from_secs(30 * 86400),
+            vacuum_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl MaintenanceConfig {
+    /// Every interval must be more than 0 (a zero one would spin).
+    pub fn validate(&self) -> Result<()> {
+        let intervals = [
+            ("maintenance.leader_retry", Some(self.leader_retry)),
+            ("maintenance.rescue_interval", self.rescue_interval),
+            ("maintenance.clean_interval", Some(self.clean_interval)),
+            ("maintenance.archive_interval", Some(self.archive_interval)),
+            (
+                "maintenance.node_expiry_interval",
+                self.node_expiry_interval,
+            ),
+            (
+                "maintenance.retention_interval",
+                Some(self.retention_interval),
+            ),
+            (
+                "maintenance.processed_events_retention",
+                Some(self.processed_events_retention),
+            ),
+            ("maintenance.vacuum_interval", Some(self.vacuum_interval)),
+        ];
+        for (name, value) in intervals {
+            if value.is_some_and(|d| d.is_zero()) {
+                return Err(Error::Config(format!("{name} must be more than 0")));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// `HERALD_<prefix>*` variables that are not settings.
 const RESERVED_ENV_PREFIXES: [&str; 3] = ["test_", "dev_", "ci_"];
 
 /// Sections whose keys the environment spells `HERALD_<SECTION>_<KEY>`.
-const SECTIONS: [&str; 8] = [
+const SECTIONS: [&str; 9] = [
     "postgres",
     "redis",
     "relay",
@@ -405,6 +493,7 @@ const SECTIONS: [&str; 8] = [
     "catalog",
     "admin",
     "nodes",
+    "maintenance",
 ];
 
 impl Config {
@@ -480,6 +569,7 @@ impl Config {
                 "nodes.missed_heartbeats must be at least 1 (e.g. 3)".into(),
             ));
         }
+        self.maintenance.validate()?;
         let url = url::Url::parse(&self.database_url).map_err(|e| Error::Url {
             setting: "database_url (DATABASE_URL)",
             reason: format!("{e}: {}", mask_url(&self.database_url)),

@@ -12,13 +12,15 @@
 //! - [`queue`]: the `Task` builder and `enqueue` / `enqueue_batch`.
 //! - [`worker`]: the worker runtime that runs handlers for tasks.
 //! - [`wake`]: the wake lock, so that producers notify only sleeping consumers.
-//! - [`vacuum`]: VACUUM of the claim tables by the processes that churn them.
+//! - [`vacuum`]: the per-process VACUUM count the leader's [`maintenance::vacuum`] replaces.
 //! - [`dlq`]: dead letters listed, replayed and purged.
 //! - [`events`]: the event catalog (schemas, delivery modes) and `Publisher`.
 //! - [`subscriptions`]: durable subscriptions and exactly-once handlers.
 //! - [`stats`]: the operator views in one snapshot.
 //! - [`cron`]: cron schedules and the scheduler that fires them.
 //! - [`nodes`]: the live Herald processes (`herald.nodes`) and their heartbeats.
+//! - [`maintenance`]: rescue, cleanup, archive, node expiry, retention and
+//!   VACUUM, run by one elected leader per database.
 //! - [`admin`]: the admin HTTP server (`/metrics`, `/healthz`, `/readyz`, dashboard).
 //! - [`config`]: settings from defaults, TOML and the environment.
 
@@ -32,6 +34,7 @@ pub mod db;
 pub mod dlq;
 pub mod error;
 pub mod events;
+pub mod maintenance;
 pub mod migrate;
 pub mod nodes;
 pub mod outbox;

@@ -3,8 +3,9 @@
 //! pid, roles, version, started_at), refreshes `last_seen` every
 //! `nodes.heartbeat_interval` and deletes its row when it stops. A row that
 //! has missed `nodes.missed_heartbeats` heartbeats (its process was killed,
-//! its host lost) is deleted by whichever node heartbeats next: there is no
-//! leader, and deleting the same row twice is harmless.
+//! its host lost) is deleted by the maintenance leader
+//! ([`crate::maintenance::node_expiry`], through [`expire`]); heartbeats
+//! never expire other rows.
 //!
 //! It owns every statement on `herald.nodes`; it never touches other tables.
 //! Times come from the database clock, so hosts whose clocks drift do not
@@ -162,8 +163,8 @@ impl Node {
         Ok(())
     }
 
-    /// Register, then heartbeat and expire dead nodes every
-    /// `heartbeat_interval` until `shutdown`; deregister on the way out.
+    /// Register, then heartbeat every `heartbeat_interval` until
+    /// `shutdown`; deregister on the way out.
     /// Failures are logged and retried: registration never stops the
     /// process's real work.
     pub async fn run(self, pool: Pool, shutdown: CancellationToken) -> Result<()> {
@@ -218,18 +219,7 @@ impl Node {
 
     async fn tick(&self, pool: &Pool) -> Result<()> {
         let client = pool.get().await?;
-        self.heartbeat(&**client).await?;
-        for dead in expire(&**client).await? {
-            tracing::warn!(
-                node = %dead.id,
-                host = %dead.host,
-                pid = dead.pid,
-                roles = ?dead.roles,
-                last_seen = %dead.last_seen.to_rfc3339(),
-                "expired a node that stopped heartbeating"
-            );
-        }
-        Ok(())
+        self.heartbeat(&**client).await
     }
 }
 

@@ -274,6 +274,33 @@ mod tests {
     }
 
     #[test]
+    fn maintenance_settings_come_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HERALD_MAINTENANCE_LEADER_RETRY", "500ms");
+            jail.set_env("HERALD_MAINTENANCE_PROCESSED_EVENTS_RETENTION", "7days");
+            jail.set_env("HERALD_MAINTENANCE_RESCUE_INTERVAL", "1s");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.maintenance.leader_retry, Duration::from_millis(500));
+            assert_eq!(
+                c.maintenance.processed_events_retention,
+                Duration::from_secs(7 * 86400)
+            );
+            assert_eq!(c.maintenance.rescue_interval, Some(Duration::from_secs(1)));
+            assert_eq!(c.maintenance.node_expiry_interval, None);
+            Ok(())
+        });
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HERALD_MAINTENANCE_VACUUM_INTERVAL", "0s");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(
+                err.contains("maintenance.vacuum_interval must be more than 0"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
     fn masking_hides_passwords() {
         assert_eq!(
             mask_url("postgres://app:hunter2@db:5432/app"),

@@ -57,6 +57,7 @@ pub mod names {
         pub const POOL_SIZE: &str = "herald_pool_size";
         pub const POOL_AVAILABLE: &str = "herald_pool_available";
         pub const POOL_WAITING: &str = "herald_pool_waiting";
+        pub const MAINTENANCE_LEADER: &str = "herald_maintenance_leader";
 
         /// Every name above.
         pub const ALL: &[&str] = &[
@@ -79,6 +80,7 @@ pub mod names {
             POOL_SIZE,
             POOL_AVAILABLE,
             POOL_WAITING,
+            MAINTENANCE_LEADER,
         ];
     }
 
@@ -534,6 +536,10 @@ fn describe_metrics() {
     describe_gauge!(
         POOL_WAITING,
         "Callers waiting for a pool connection, by pool"
+    );
+    describe_gauge!(
+        MAINTENANCE_LEADER,
+        "1 while this process is the database's maintenance leader, else 0"
     );
 }
 

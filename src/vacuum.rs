@@ -1,29 +1,18 @@
-//! Vacuuming the queue tables a process churns, as it churns them.
+//! Vacuuming the queue tables by the process that churns them: the old
+//! per-process count, superseded by the maintenance leader's
+//! [`crate::maintenance::vacuum`], which holds the VACUUM statement and
+//! its rules (never block a claim, SKIP_LOCKED, never truncate). Kept
+//! only while the worker and the relay still count their removed rows here;
+//! remove it with their last call.
 //!
-//! A relay removes every event it publishes and a worker updates then
-//! removes every task it runs. Each leaves dead rows and dead index entries
-//! at the front of the claim indexes (`outbox_claim`, `tasks_claim`), where
-//! every claim starts, until VACUUM. Autovacuum comes by at most once per
-//! `autovacuum_naptime` (a minute by default): at 1,000 events/s that is
-//! 60,000 dead rows passed by every claim and every empty sweep. So the
-//! process that made them runs VACUUM itself once it has removed
-//! `vacuum_after` rows, at most once a second, in the background. A table
-//! that holds few live rows vacuums in milliseconds.
-//!
-//! This module owns the count and the VACUUM statement. It must never block
-//! a claim (the VACUUM runs on a task of its own, and SKIP_LOCKED gives way
-//! to autovacuum or another process's VACUUM) and never truncate the table:
-//! truncation takes an ACCESS EXCLUSIVE lock that producers' inserts queue
-//! behind. A role that does not own the table gets a warning from Postgres
-//! and nothing happens.
+//! It owns the per-process count; it must never run VACUUM other than
+//! through [`crate::maintenance::vacuum::vacuum_table`].
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
-
-use crate::error::Context;
 
 /// Least time between two VACUUMs of one table by one process.
 const AT_MOST_EVERY: Duration = Duration::from_secs(1);
@@ -71,10 +60,7 @@ impl Vacuum {
         tokio::spawn(async move {
             let started = Instant::now();
             let done = match pool.get().await {
-                Ok(client) => client
-                    .batch_execute(&format!("VACUUM (SKIP_LOCKED, TRUNCATE false) {table}"))
-                    .await
-                    .context(format!("VACUUM {table}")),
+                Ok(client) => crate::maintenance::vacuum::vacuum_table(&**client, table).await,
                 Err(e) => Err(e.into()),
             };
             match done {

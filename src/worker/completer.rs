@@ -127,8 +127,6 @@ pub(super) async fn complete(shared: Arc<Shared>, mut rx: mpsc::UnboundedReceive
         }
         let outcomes_now: Vec<Ended> = outcomes.iter().map(|o| o.unwrap_or(Ended::Lost)).collect();
         report(&shared, &mut meters, &batch, &outcomes_now);
-        // Each task left a dead row at its claim and one at its end.
-        shared.vacuum.removed(batch.len() as u64);
         tracing::debug!(tasks = batch.len(), elapsed = ?t0.elapsed(), "outcomes recorded");
         let mut running = shared.running.lock().unwrap_or_else(|e| e.into_inner());
         for c in batch.drain(..) {

@@ -15,10 +15,12 @@
 //! - the *heartbeat* extends the leases of running attempts (fenced by
 //!   attempt), pushes their local deadlines on, and notices lost ones and
 //!   cancellation requests a NOTIFY missed;
-//! - the *rescuer* returns tasks whose lease expired to the queue.
 //!
-//! Claims, completions, heartbeats and rescues use a small pool of the
-//! worker's own, which handlers never see, each statement bounded in time.
+//! Expired leases are returned to the queue by the maintenance leader's
+//! rescuer (`crate::maintenance`), whichever process that is.
+//!
+//! Claims, completions and heartbeats use a small pool of the worker's own,
+//! which handlers never see, each statement bounded in time.
 //!
 //! It must never complete, retry or release a task whose lease it no longer
 //! holds: every write names the task's id, attempt and this worker's id. It
@@ -29,8 +31,7 @@
 //! and what they get and return), `producer` (claims), `executor` (runs one
 //! handler), `completer` (writes outcomes; `retry` decides when a failed
 //! attempt runs again, `outcomes` counts them), `heartbeat` and `lease`
-//! (lease renewal and the local deadline), `rescue` (expired leases and
-//! finished tasks), `listener` (LISTEN and the wake lock), `shared` (the
+//! (lease renewal and the local deadline), `listener` (LISTEN and the wake lock), `shared` (the
 //! state they share). The SQL is in `store::tasks`.
 
 mod builtin;
@@ -42,7 +43,6 @@ mod listener;
 mod outcomes;
 mod producer;
 mod registry;
-pub(crate) mod rescue;
 mod retry;
 mod shared;
 pub mod webhook;
@@ -77,6 +77,8 @@ pub struct WorkerStats {
     pub claimed: std::sync::atomic::AtomicU64,
     pub succeeded: std::sync::atomic::AtomicU64,
     pub failed: std::sync::atomic::AtomicU64,
+    /// Always 0 since rescue moved to the maintenance leader (see
+    /// `herald_task_rescued_total`); kept for the API.
     pub rescued: std::sync::atomic::AtomicU64,
     /// Whether the LISTEN connection is up now (`/readyz`).
     pub listening: std::sync::atomic::AtomicBool,
@@ -108,10 +110,10 @@ impl Worker {
             &uuid::Uuid::now_v7().simple().to_string()[24..]
         );
         let queues = config.worker.queue_concurrency();
-        // One connection per producer (claims), one each for the completer,
-        // the heartbeat and the rescuer; opened on demand.
+        // One connection per producer (claims), one each for the completer
+        // and the heartbeat; opened on demand.
         let mut own = config.clone();
-        own.postgres.pool_size = queues.len() + 3;
+        own.postgres.pool_size = queues.len() + 2;
         let (internal, setup_error) = match crate::db::pool(&own, "herald-worker") {
             Ok(p) => (p, None),
             Err(e) => (pool.clone(), Some(e)),
@@ -125,11 +127,6 @@ impl Worker {
                     max: config.worker.retry_max,
                     jitter: 0.2,
                 },
-                vacuum: crate::vacuum::Vacuum::new(
-                    "herald.tasks",
-                    config.worker.vacuum_after,
-                    pool.clone(),
-                ),
                 config: config.clone(),
                 pool,
                 internal,
@@ -191,7 +188,6 @@ impl Worker {
         ));
         let completer = tokio::spawn(completer::complete(shared.clone(), done_rx));
         let heartbeat = tokio::spawn(heartbeat::heartbeat(shared.clone(), services.clone()));
-        let rescuer = tokio::spawn(rescue::rescue(shared.clone(), services.clone()));
 
         let mut producers = Vec::new();
         let mut semaphores = Vec::new();
@@ -236,7 +232,7 @@ impl Worker {
         drop(done_tx);
         let _ = completer.await;
         services.cancel();
-        let _ = tokio::join!(listener, heartbeat, rescuer);
+        let _ = tokio::join!(listener, heartbeat);
         tracing::info!(worker = %shared.id, "worker stopped");
         Ok(())
     }

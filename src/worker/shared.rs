@@ -57,8 +57,6 @@ pub(super) struct Shared {
     pub(super) hold: Duration,
     pub(super) stats: Arc<WorkerStats>,
     pub(super) default_retry: RetryPolicy,
-    /// Tasks finished since this process last vacuumed herald.tasks.
-    pub(super) vacuum: crate::vacuum::Vacuum,
 }
 
 impl Shared {

@@ -657,6 +657,11 @@ async fn nodes_register_heartbeat_and_expire_dead_ones() {
     let id = node.id();
     let stop = CancellationToken::new();
     let running = tokio::spawn(node.run(db.pool(), stop.clone()));
+    // Dead nodes are expired by the maintenance leader, not by heartbeats.
+    let mut leader = db.config.clone();
+    leader.maintenance.node_expiry_interval = Some(Duration::from_millis(100));
+    let maintenance =
+        tokio::spawn(herald::maintenance::Maintenance::new(&leader).run(stop.clone()));
     let deadline = Instant::now() + Duration::from_secs(10);
     let first = loop {
         if let Some(row) = node_row(&client, id).await {
@@ -687,7 +692,7 @@ async fn nodes_register_heartbeat_and_expire_dead_ones() {
     );
 
     // A node that registers once and goes silent: once it has missed two
-    // heartbeats, the live node's next heartbeat deletes its row.
+    // heartbeats, the maintenance leader deletes its row.
     let mut quiet = db.config.clone();
     quiet.nodes.heartbeat_interval = Duration::from_millis(100);
     quiet.nodes.missed_heartbeats = 2;
@@ -704,11 +709,13 @@ async fn nodes_register_heartbeat_and_expire_dead_ones() {
     // A clean stop deregisters.
     stop.cancel();
     running.await.unwrap().unwrap();
+    maintenance.await.unwrap().unwrap();
     assert!(node_row(&client, id).await.is_none());
 }
 
 /// Real processes: `herald worker` children register with their pid; one
-/// killed with SIGKILL is expired by the other; SIGTERM deregisters.
+/// killed with SIGKILL is expired by the other (the maintenance leader,
+/// or it becomes the leader); SIGTERM deregisters.
 #[tokio::test]
 async fn herald_processes_register_and_a_killed_one_expires() {
     let db = TestDb::new().await;

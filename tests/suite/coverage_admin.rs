@@ -994,7 +994,7 @@ fn heartbeat_errors() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// A node expires a dead one (and says which), keeps running while its
+/// The leader expires a dead node (and says which); a node keeps running while its
 /// heartbeats fail (counted each time, logged once), says when they
 /// recover, and when it cannot deregister at shutdown leaves its row to
 /// expire and says so.
@@ -1020,8 +1020,12 @@ async fn a_node_survives_failing_heartbeats_and_a_failed_deregistration() {
     let stop = CancellationToken::new();
     let pool = herald::db::pool(&config, "herald-cov-node").unwrap();
     let running = tokio::spawn(node.run(pool, stop.clone()));
+    // The maintenance leader expires the dead node, and says which.
+    let mut leader = db.config.clone();
+    leader.maintenance.node_expiry_interval = Some(Duration::from_millis(100));
+    tokio::spawn(herald::maintenance::Maintenance::new(&leader).run(stop.clone()));
     wait_for(
-        "the node to register and expire the dead one",
+        "the node to register and the leader to expire the dead one",
         Duration::from_secs(10),
         async || {
             last_seen(&direct, id).await.is_some()

@@ -16,6 +16,7 @@ mod dashboard;
 mod events;
 mod failures;
 mod faults;
+mod maintenance;
 mod operator;
 mod outbox;
 mod tasks;

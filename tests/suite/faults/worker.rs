@@ -182,6 +182,10 @@ async fn partitioned_worker_stops_its_handlers_before_rescue() {
     proxy.partition();
     let mut reg_b = Registry::new();
     stubborn(&mut reg_b, &runs, "B");
+    // B's process also campaigns for maintenance leader (A's test process
+    // runs none), so its rescuer returns A's expired leases to the queue.
+    let maintenance = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(herald::maintenance::Maintenance::new(&db.config).run(maintenance.clone()));
     let b = WorkerTask::start(&db.config, reg_b);
     assert!(
         until(Duration::from_secs(12), || runs.started_by("B") == 3).await,
@@ -191,6 +195,7 @@ async fn partitioned_worker_stops_its_handlers_before_rescue() {
     tokio::time::sleep(rest).await;
     proxy.heal();
     tokio::time::sleep(Duration::from_secs(1)).await;
+    maintenance.cancel();
 
     let all = runs.snapshot();
     for id in &ids {
