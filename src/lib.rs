@@ -37,6 +37,7 @@ pub mod pubsub;
 pub mod queue;
 pub mod relay;
 pub mod stats;
+pub(crate) mod store;
 pub mod subscriptions;
 pub mod telemetry;
 pub mod vacuum;

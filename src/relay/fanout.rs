@@ -1,0 +1,196 @@
+//! Fan-out to durable subscriptions: one task in `herald.tasks` per event
+//! and matching enabled subscription, inserted in the transaction that
+//! removes the event from the outbox; and, while Redis does not take
+//! events, in transactions of their own that mark the rows `fanned_out`,
+//! so each event's tasks are inserted exactly once.
+//!
+//! The relay's INSERTs into `herald.tasks` are all here, under "The tasks
+//! of durable subscriptions" below ([`tasks_for_rows!`] and `FAN_OUT`).
+//! It must never insert an event's tasks in a transaction that does not
+//! also remove the event or mark it `fanned_out`, nor without holding the
+//! event's partition (tasks of one key would be inserted out of order).
+
+use std::sync::atomic::Ordering;
+
+use crate::error::{Context, Result};
+use crate::telemetry::names::metric;
+
+use super::claim::Claim;
+use super::dead_letter::Checked;
+use super::{Drainer, PARTITION_LOCK_SPACE};
+
+// ---- The tasks of durable subscriptions: the relay's INSERTs into
+// herald.tasks. ----
+
+/// The durable subscriptions' tasks for the outbox rows of CTE `$rows`
+/// (as claimed: event_id, topic, key, payload, headers, created_at,
+/// fanned_out), one per matching enabled subscription; the caller adds the
+/// WHERE and ORDER BY. The CTEs of `store::outbox`'s CLAIM and
+/// SETTLE_PUBLISHED use it.
+macro_rules! tasks_for_rows {
+    ($rows:literal) => {
+        concat!(
+            "
+INSERT INTO herald.tasks (queue, kind, payload, headers, max_attempts, timeout)
+SELECT s.queue, s.kind,
+       jsonb_build_object('id', c.event_id, 'topic', c.topic, 'key', c.key,
+                          'payload', c.payload, 'headers', c.headers,
+                          'created_at', c.created_at),
+       jsonb_build_object('herald_subscription', s.name, 'herald_event_id', c.event_id::text,
+                          'herald_topic', c.topic)
+         || CASE WHEN c.headers ? 'traceparent'
+                 THEN jsonb_build_object('traceparent', c.headers->'traceparent')
+                 ELSE '{}'::jsonb END,
+       s.max_attempts, s.timeout
+FROM ",
+            $rows,
+            " c
+JOIN herald.subscriptions s ON s.enabled AND c.topic LIKE s.topic_like"
+        )
+    };
+}
+pub(crate) use tasks_for_rows;
+
+// One task per (event, matching enabled durable subscription), in event
+// order; the task's payload is the envelope. Runs in the claim's
+// transaction, so the tasks exist exactly when the events leave the outbox.
+// Used when the catalog may refuse events (only valid ones fan out);
+// otherwise CLAIM does the same in its `fanned` CTE.
+const FAN_OUT: &str = "
+INSERT INTO herald.tasks (queue, kind, payload, headers, max_attempts, timeout)
+SELECT s.queue, s.kind, e.env,
+       jsonb_build_object('herald_subscription', s.name, 'herald_event_id', e.env->>'id',
+                          'herald_topic', e.topic)
+         || CASE WHEN e.env->'headers' ? 'traceparent'
+                 THEN jsonb_build_object('traceparent', e.env->'headers'->'traceparent')
+                 ELSE '{}'::jsonb END,
+       s.max_attempts, s.timeout
+FROM (SELECT topic, env::jsonb AS env, ord
+      FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS u(topic, env, ord)) AS e
+JOIN herald.subscriptions s ON s.enabled AND e.topic LIKE s.topic_like
+ORDER BY e.ord, s.name";
+
+/// FAN_OUT in the claim's transaction (prepared, it runs on every checked
+/// batch).
+async fn insert_tasks_in_claim(
+    claim: &Claim,
+    topics: &[String],
+    envelopes: &[String],
+) -> Result<u64> {
+    let fan_out = claim
+        .tx
+        .prepare_cached(FAN_OUT)
+        .await
+        .context("preparing the subscription fan-out")?;
+    claim
+        .tx
+        .execute(&fan_out, &[&topics, &envelopes])
+        .await
+        .context("inserting tasks for durable subscriptions")
+}
+
+/// FAN_OUT in a transaction of its own, while Redis does not take events.
+async fn insert_tasks_apart(
+    tx: &tokio_postgres::Transaction<'_>,
+    topics: &[&str],
+    envelopes: &[&str],
+) -> Result<u64> {
+    tx.execute(FAN_OUT, &[&topics, &envelopes])
+        .await
+        .context("inserting tasks for durable subscriptions while Redis is down")
+}
+
+// ---- The steps. ----
+
+impl Drainer {
+    /// The batch's tasks in the claim's transaction: inserted by the claim
+    /// itself when the catalog checks nothing, else here for the valid
+    /// events; then the workers are woken at commit.
+    pub(super) async fn fan_out_claimed(&self, claim: &Claim, batch: &Checked) -> Result<()> {
+        let tasks = if !claim.checks {
+            claim.tasks
+        } else if !batch.fan_topics.is_empty() {
+            insert_tasks_in_claim(claim, &batch.fan_topics, &batch.fan_envelopes).await?
+        } else {
+            0
+        };
+        self.stats.fanned_out.fetch_add(tasks, Ordering::Relaxed);
+        claim.span.record("herald.relay.fanned_out", tasks as i64);
+        if tasks > 0 {
+            metrics::counter!(metric::RELAY_FANNED_OUT).increment(tasks);
+            // The claim silenced the tasks trigger (herald.relay_fan_out);
+            // wake the workers at commit.
+            claim
+                .tx
+                .batch_execute("NOTIFY herald_tasks")
+                .await
+                .context("notifying workers of fanned-out tasks")?;
+        }
+        Ok(())
+    }
+
+    /// Count `tasks` inserted for durable subscriptions.
+    pub(super) fn fanned_out(&self, tasks: u64) {
+        self.stats.fanned_out.fetch_add(tasks, Ordering::Relaxed);
+        if tasks > 0 {
+            metrics::counter!(metric::RELAY_FANNED_OUT).increment(tasks);
+        }
+    }
+
+    /// Mark `ids` fanned out and insert the tasks of those that were not
+    /// yet (and that the catalog accepts), in the caller's transaction,
+    /// which holds their partitions.
+    pub(super) async fn fan_out_marked(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        ids: &[i64],
+        topics: &[String],
+        envelopes: &[String],
+    ) -> Result<u64> {
+        let marked = crate::store::outbox::mark_fanned_out(tx, ids).await?;
+        let (mut fan_topics, mut fan_envelopes) = (Vec::new(), Vec::new());
+        for ((id, topic), envelope) in ids.iter().zip(topics).zip(envelopes) {
+            if marked.contains(id)
+                && (!self.catalog.checks_anything() || self.check(topic, envelope).is_ok())
+            {
+                fan_topics.push(topic.as_str());
+                fan_envelopes.push(envelope.as_str());
+            }
+        }
+        if fan_topics.is_empty() {
+            return Ok(0);
+        }
+        let tasks = insert_tasks_apart(tx, &fan_topics, &fan_envelopes).await?;
+        self.stats.fanned_out.fetch_add(tasks, Ordering::Relaxed);
+        metrics::counter!(metric::RELAY_FANNED_OUT).increment(tasks);
+        Ok(tasks)
+    }
+
+    /// While Redis is down: fan out events waiting in the outbox to their
+    /// durable subscriptions (webhooks and task subscribers need only
+    /// Postgres), a batch of partitions at a time; returns how many events
+    /// it took.
+    pub(super) async fn fan_out_waiting(&self, offset: i32, limit: usize) -> Result<usize> {
+        let mut client = self.pool.get().await?;
+        let tx = client
+            .transaction()
+            .await
+            .context("beginning a fan-out while Redis is down")?;
+        let waiting = crate::store::outbox::unfanned(
+            &tx,
+            limit as i64,
+            offset,
+            self.config.relay.partitions_per_batch as i64,
+            PARTITION_LOCK_SPACE,
+        )
+        .await?;
+        if !waiting.ids.is_empty() {
+            self.fan_out_marked(&tx, &waiting.ids, &waiting.topics, &waiting.envelopes)
+                .await?;
+        }
+        tx.commit()
+            .await
+            .context("committing a fan-out while Redis is down")?;
+        Ok(waiting.ids.len())
+    }
+}
