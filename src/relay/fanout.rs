@@ -114,10 +114,9 @@ impl Drainer {
         } else {
             0
         };
-        self.stats.fanned_out.fetch_add(tasks, Ordering::Relaxed);
+        self.fanned_out(tasks);
         claim.span.record("herald.relay.fanned_out", tasks as i64);
         if tasks > 0 {
-            metrics::counter!(metric::RELAY_FANNED_OUT).increment(tasks);
             // The claim silenced the tasks trigger (herald.relay_fan_out);
             // wake the workers at commit.
             claim
@@ -161,8 +160,7 @@ impl Drainer {
             return Ok(0);
         }
         let tasks = insert_tasks_apart(tx, &fan_topics, &fan_envelopes).await?;
-        self.stats.fanned_out.fetch_add(tasks, Ordering::Relaxed);
-        metrics::counter!(metric::RELAY_FANNED_OUT).increment(tasks);
+        self.fanned_out(tasks);
         Ok(tasks)
     }
 
