@@ -12,7 +12,6 @@
 //! - [`queue`]: the `Task` builder and `enqueue` / `enqueue_batch`.
 //! - [`worker`]: the worker runtime that runs handlers for tasks.
 //! - [`wake`]: the wake lock, so that producers notify only sleeping consumers.
-//! - [`vacuum`]: the per-process VACUUM count the leader's [`maintenance::vacuum`] replaces.
 //! - [`dlq`]: dead letters listed, replayed and purged.
 //! - [`events`]: the event catalog (schemas, delivery modes) and `Publisher`.
 //! - [`subscriptions`]: durable subscriptions and exactly-once handlers.
@@ -46,7 +45,8 @@ pub mod stats;
 pub(crate) mod store;
 pub mod subscriptions;
 pub mod telemetry;
-pub mod vacuum;
+/// The VACUUM of the claim tables, now the maintenance leader's.
+pub use maintenance::vacuum;
 pub mod wake;
 pub mod worker;
 

@@ -2,17 +2,18 @@
 //! and payload checks, and `publish` / `publish_batch`, which write into
 //! `herald.outbox` through the caller's own client or transaction.
 //!
+//! The INSERT statements themselves are `crate::store::outbox`'s.
+//!
 //! This module only ever INSERTs: it must never commit, open its own
 //! connection or talk to Redis, so an event exists exactly when the caller's
 //! transaction commits.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use tokio_postgres::types::Type;
 use tokio_postgres::GenericClient;
 use uuid::Uuid;
 
-use crate::error::{Context, Error, Result};
+use crate::error::{Error, Result};
 
 /// Default for `max_payload_bytes`: 1 MiB of JSON text.
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 1024 * 1024;
@@ -323,22 +324,6 @@ impl Default for Outbox {
     }
 }
 
-const INSERT_ONE: &str =
-    "INSERT INTO herald.outbox (event_id, topic, key, partition, payload, headers) \
-     VALUES ($1, $2, $3, herald.partition_for($3), $4::text::jsonb, $5::text::jsonb)";
-
-// One statement for the whole batch; the partition count is read once.
-const INSERT_BATCH: &str =
-    "INSERT INTO herald.outbox (event_id, topic, key, partition, payload, headers) \
-     SELECT e.event_id, e.topic, e.key, \
-            CASE WHEN e.key IS NULL THEN floor(random() * s.partitions)::smallint \
-                 ELSE herald.partition_for(e.key, s.partitions) END, \
-            e.payload::jsonb, e.headers::jsonb \
-     FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[]) \
-          WITH ORDINALITY AS e(event_id, topic, key, payload, headers, ord) \
-     CROSS JOIN herald.settings s \
-     ORDER BY e.ord";
-
 impl Outbox {
     pub fn new(max_payload_bytes: usize) -> Outbox {
         Outbox { max_payload_bytes }
@@ -362,22 +347,15 @@ impl Outbox {
         event.check_size(self.max_payload_bytes)?;
         let traceparent = crate::telemetry::current_traceparent();
         let headers = event.headers_json(traceparent.as_deref());
-        client
-            .execute_typed(
-                INSERT_ONE,
-                &[
-                    (&event.id, Type::UUID),
-                    (&event.topic, Type::TEXT),
-                    (&event.key, Type::TEXT),
-                    (&event.payload, Type::TEXT),
-                    (&headers, Type::TEXT),
-                ],
-            )
-            .await
-            .context(format!(
-                "inserting event on topic {:?} into herald.outbox",
-                event.topic
-            ))?;
+        crate::store::outbox::insert_one(
+            client,
+            &event.id,
+            &event.topic,
+            event.key.as_deref(),
+            &event.payload,
+            &headers,
+        )
+        .await?;
         tracing::debug!(
             event = crate::telemetry::names::event::EVENT_PUBLISHED,
             herald.topic = event.topic.as_str(),
@@ -409,22 +387,8 @@ impl Outbox {
             .iter()
             .map(|e| e.headers_json(traceparent.as_deref()))
             .collect();
-        client
-            .execute_typed(
-                INSERT_BATCH,
-                &[
-                    (&ids, Type::UUID_ARRAY),
-                    (&topics, Type::TEXT_ARRAY),
-                    (&keys, Type::TEXT_ARRAY),
-                    (&payloads, Type::TEXT_ARRAY),
-                    (&headers, Type::TEXT_ARRAY),
-                ],
-            )
-            .await
-            .context(format!(
-                "inserting {} events into herald.outbox",
-                events.len()
-            ))?;
+        crate::store::outbox::insert_batch(client, &ids, &topics, &keys, &payloads, &headers)
+            .await?;
         tracing::debug!(
             event = crate::telemetry::names::event::EVENT_PUBLISHED,
             herald.topic = events[0].topic.as_str(),

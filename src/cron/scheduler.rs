@@ -321,14 +321,6 @@ fn tick_headers(
 
 /// The ticks' tasks, skipped for a tick whose unique key already has an
 /// unfinished task (the arbiter must match the `tasks_unique_key` index).
-const INSERT_TICK_TASKS: &str = "
-INSERT INTO herald.tasks (queue, kind, payload, headers, priority, max_attempts, unique_key)
-SELECT x.queue, x.kind, x.payload::jsonb, x.headers::jsonb, x.priority, x.max_attempts, x.unique_key
-FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::int[], $7::text[])
-     AS x(queue, kind, payload, headers, priority, max_attempts, unique_key)
-ON CONFLICT (unique_key) WHERE unique_key IS NOT NULL AND state IN ('ready', 'running')
-DO NOTHING";
-
 /// The scheduler's one write to `herald.tasks`, in the claim's transaction
 /// so a tick's task and its schedule's advance commit together. Returns the
 /// number of tasks inserted.
@@ -336,21 +328,19 @@ async fn insert_tick_tasks(tx: &deadpool_postgres::Transaction<'_>, t: &TickTask
     if t.unique_key.is_empty() {
         return Ok(0);
     }
-    let inserted = tx
-        .execute(
-            INSERT_TICK_TASKS,
-            &[
-                &t.queue,
-                &t.kind,
-                &t.payload,
-                &t.headers,
-                &t.priority,
-                &t.max_attempts,
-                &t.unique_key,
-            ],
-        )
-        .await
-        .context("inserting the tasks of due schedules")?;
+    let inserted = crate::store::tasks::insert_ticks(
+        &**tx,
+        crate::store::tasks::Ticks {
+            queue: &t.queue,
+            kind: &t.kind,
+            payload: &t.payload,
+            headers: &t.headers,
+            priority: &t.priority,
+            max_attempts: &t.max_attempts,
+            unique_key: &t.unique_key,
+        },
+    )
+    .await?;
     if inserted < t.unique_key.len() as u64 {
         tracing::warn!(
             planned = t.unique_key.len(),

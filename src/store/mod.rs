@@ -4,6 +4,9 @@
 //! them. A grep for a table's name in Rust finds its module here (and the
 //! migrations).
 
+pub(crate) mod dead_letters;
+pub(crate) mod outbox;
+pub(crate) mod outbox_archive;
 pub(crate) mod processed_events;
 pub(crate) mod schedules;
 pub(crate) mod subscriptions;

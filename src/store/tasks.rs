@@ -104,8 +104,7 @@ macro_rules! on_unique_key_do_nothing {
 /// The predicate of the `tasks_unique_key` index, as written here.
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) const UNIQUE_KEY_PREDICATE: &str = unique_key_predicate!();
-/// The arbiter every insert with a unique key uses (cron's and the
-/// relay's statements are to take it from here).
+/// The arbiter every insert with a unique key uses.
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) const ON_UNIQUE_KEY_DO_NOTHING: &str = on_unique_key_do_nothing!();
 
@@ -382,15 +381,58 @@ pub(crate) async fn copy_in<C: GenericClient + Sync>(
     Ok(ids)
 }
 
+// ------------------------------------------------------------- cron ticks
+
+// One task per due tick, each with its tick's unique key (a tick whose
+// task is still unfinished gets no second one).
+const INSERT_TICKS: &str = concat!(
+    "
+INSERT INTO herald.tasks (queue, kind, payload, headers, priority, max_attempts, unique_key)
+SELECT x.queue, x.kind, x.payload::jsonb, x.headers::jsonb, x.priority, x.max_attempts, x.unique_key
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int[], $6::int[], $7::text[])
+     AS x(queue, kind, payload, headers, priority, max_attempts, unique_key)
+",
+    on_unique_key_do_nothing!()
+);
+
+/// The tasks of due cron ticks, column by column (JSON as text).
+pub(crate) struct Ticks<'a> {
+    pub queue: &'a [String],
+    pub kind: &'a [String],
+    pub payload: &'a [String],
+    pub headers: &'a [String],
+    pub priority: &'a [i32],
+    pub max_attempts: &'a [i32],
+    pub unique_key: &'a [String],
+}
+
+/// Insert the tasks of due ticks in the scheduler's claim transaction;
+/// returns how many were inserted (fewer when a key was held).
+pub(crate) async fn insert_ticks<C: GenericClient + Sync>(client: &C, t: Ticks<'_>) -> Result<u64> {
+    client
+        .execute(
+            INSERT_TICKS,
+            &[
+                &t.queue,
+                &t.kind,
+                &t.payload,
+                &t.headers,
+                &t.priority,
+                &t.max_attempts,
+                &t.unique_key,
+            ],
+        )
+        .await
+        .context("inserting the tasks of due schedules")
+}
+
 // ------------------------------------------------------------- fan-out
 
 // One task per (event, matching enabled durable subscription), in event
 // order; the task's payload is the envelope. The relay runs it in its
 // claim's transaction, so the tasks exist exactly when the events leave the
-// outbox. (The relay's src/relay.rs still holds its own copy until it calls
-// this; its CLAIM statement's `fan_out_rows!` CTE is the other fan-out
-// insert.)
-#[allow(dead_code)] // until the relay uses it
+// outbox; when the catalog checks nothing, the claim itself inserts them
+// with the `tasks_for_rows!` CTE below instead.
 pub(crate) const FAN_OUT: &str = "
 INSERT INTO herald.tasks (queue, kind, payload, headers, max_attempts, timeout)
 SELECT s.queue, s.kind, e.env,
@@ -409,7 +451,6 @@ ORDER BY e.ord, s.name";
 /// envelope JSON `envelopes[i]`) through `client` (the claim's
 /// transaction); returns how many tasks. A caller with a statement cache
 /// prepares [`FAN_OUT`] itself.
-#[allow(dead_code)] // until the relay calls it
 pub(crate) async fn fan_out<C: GenericClient + Sync>(
     client: &C,
     topics: &[&str],
@@ -421,11 +462,55 @@ pub(crate) async fn fan_out<C: GenericClient + Sync>(
         .context("inserting tasks for durable subscriptions")
 }
 
+/// [`fan_out`] through the transaction's statement cache (it runs on
+/// every batch the catalog checks).
+pub(crate) async fn fan_out_prepared(
+    tx: &deadpool_postgres::ClientWrapper,
+    topics: &[&str],
+    envelopes: &[&str],
+) -> Result<u64> {
+    let statement = tx
+        .prepare_cached(FAN_OUT)
+        .await
+        .context("preparing the subscription fan-out")?;
+    tx.execute(&statement, &[&topics, &envelopes])
+        .await
+        .context("inserting tasks for durable subscriptions")
+}
+
+/// The durable subscriptions' tasks for the outbox rows of CTE `$rows`
+/// (as claimed: event_id, topic, key, payload, headers, created_at,
+/// fanned_out), one per matching enabled subscription; the caller adds the
+/// WHERE and ORDER BY. The CTEs of `store::outbox`'s CLAIM and
+/// SETTLE_PUBLISHED paste it in.
+macro_rules! tasks_for_rows {
+    ($rows:literal) => {
+        concat!(
+            "
+INSERT INTO herald.tasks (queue, kind, payload, headers, max_attempts, timeout)
+SELECT s.queue, s.kind,
+       jsonb_build_object('id', c.event_id, 'topic', c.topic, 'key', c.key,
+                          'payload', c.payload, 'headers', c.headers,
+                          'created_at', c.created_at),
+       jsonb_build_object('herald_subscription', s.name, 'herald_event_id', c.event_id::text,
+                          'herald_topic', c.topic)
+         || CASE WHEN c.headers ? 'traceparent'
+                 THEN jsonb_build_object('traceparent', c.headers->'traceparent')
+                 ELSE '{}'::jsonb END,
+       s.max_attempts, s.timeout
+FROM ",
+            $rows,
+            " c
+JOIN herald.subscriptions s ON s.enabled AND c.topic LIKE s.topic_like"
+        )
+    };
+}
+pub(crate) use tasks_for_rows;
+
 const NOTIFY_WORKERS: &str = concat!("NOTIFY ", notify_channel!());
 
 /// Wake idle workers when the caller's transaction commits, for inserts
 /// that silenced the tasks trigger (the relay's fan-out).
-#[allow(dead_code)] // until the relay calls it
 pub(crate) async fn notify_workers<C: GenericClient + Sync>(client: &C) -> Result<()> {
     client
         .batch_execute(NOTIFY_WORKERS)
