@@ -47,7 +47,7 @@ pub struct BenchArgs {
     pub q2_batch: usize,
     /// Q2 and Q2-scale: worker processes. Two on two cores: each process
     /// has one claim in flight per queue, and two claims run in parallel
-    /// (one process: 38,514 tasks/s, two: 44,108 on 2026-11-26).
+    /// (docs/benchmarks.md has the figures for one and two).
     #[arg(long, default_value_t = 2)]
     pub q2_workers: usize,
     /// Write the results as markdown to this file (e.g. docs/benchmarks.md).
