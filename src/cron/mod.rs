@@ -43,6 +43,10 @@ use crate::error::Error;
 
 /// The NOTIFY channel of `herald.schedules` (statement trigger).
 pub const CHANNEL: &str = "herald_schedules";
+/// `application_name` of the LISTEN connection (the notifier's session) of
+/// a scheduler that runs alone or alone in its process; see
+/// `crate::notifier::APPLICATION_NAME`.
+pub const LISTEN_APPLICATION_NAME: &str = "herald-scheduler-listen";
 
 /// Counters of a [`Scheduler`] and its listener that a caller (a test, the
 /// bench, `/readyz`) can read while it runs.
