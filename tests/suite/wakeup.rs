@@ -550,3 +550,67 @@ async fn herald_run_listens_on_one_session_that_survives_termination() {
     assert_eq!(dead, 0, "both tasks succeeded");
     child.terminate().await;
 }
+
+/// The next signal of a notifier subscription, within 10 s.
+async fn next(s: &mut herald::notifier::Subscription) -> herald::notifier::Signal {
+    tokio::time::timeout(Duration::from_secs(10), s.recv())
+        .await
+        .expect("a signal within 10 s")
+        .expect("the notifier runs")
+}
+
+/// The notifier: `Up` once LISTEN is in effect (also for a channel added
+/// while connected), each notification on the subscriber's channels only,
+/// `Down` when its session is lost, then `Up` again.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_notifier_says_up_notifications_and_down_in_order() {
+    use herald::notifier::{Notifier, Signal};
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let notifier = Notifier::new(&db.config, "herald-notifier-test");
+    let mut first = notifier.subscribe(&["herald_test_a"]);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(notifier.clone().run(stop.clone()));
+    assert_eq!(next(&mut first).await, Signal::Up);
+    assert!(notifier.connected());
+    let mut second = notifier.subscribe(&["herald_test_b"]);
+    assert_eq!(next(&mut second).await, Signal::Up);
+    client
+        .batch_execute("NOTIFY herald_test_b, 'x'; NOTIFY herald_test_a, 'y'")
+        .await
+        .unwrap();
+    let a = Signal::Notification {
+        channel: "herald_test_a".into(),
+        payload: "y".into(),
+    };
+    let b = Signal::Notification {
+        channel: "herald_test_b".into(),
+        payload: "x".into(),
+    };
+    assert_eq!(next(&mut first).await, a);
+    assert_eq!(next(&mut second).await, b);
+    let killed = common::scalar(
+        &client,
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'herald-notifier-test') t",
+    )
+    .await;
+    assert_eq!(killed, 1);
+    for s in [&mut first, &mut second] {
+        assert!(matches!(next(s).await, Signal::Down(_)));
+        assert_eq!(next(s).await, Signal::Up);
+    }
+    client
+        .batch_execute("NOTIFY herald_test_a, 'z'")
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut first).await,
+        Signal::Notification {
+            channel: "herald_test_a".into(),
+            payload: "z".into(),
+        }
+    );
+    stop.cancel();
+    running.await.unwrap().unwrap();
+}
