@@ -7,7 +7,8 @@
 //!   validation, and the Rust API ([`upsert`], [`pause`], [`sync_config`], …).
 //! - `misfire`: which due ticks fire on catch-up ([`plan`]).
 //! - `scheduler`: the [`Scheduler`] service, tick → enqueue.
-//! - `listener`: its LISTEN session, which only signals "look again".
+//! - `listener`: its subscription to the notifier, which only signals
+//!   "look again".
 //!
 //! The statements on `herald.schedules` are in `store::schedules`; the
 //! `herald schedules …` commands are in the CLI.

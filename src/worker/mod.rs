@@ -1,7 +1,7 @@
 //! The worker runtime: runs handlers for tasks claimed from `herald.tasks`.
 //!
 //! Small services, each with one job (after River's layout):
-//! - the *listener* holds a dedicated LISTEN connection (`herald_tasks`
+//! - the *listener* follows the process's notifier (`herald_tasks`
 //!   wakes producers, `herald_cancel` fires a running task's token);
 //! - one *producer* per queue claims due tasks in batches with
 //!   `FOR UPDATE SKIP LOCKED` into `running` under a lease, bounded by the
