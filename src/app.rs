@@ -13,7 +13,7 @@
 //! ```no_run
 //! # async fn demo() -> anyhow::Result<()> {
 //! use herald::{Config, Herald, Registry};
-//! use tokio_util::sync::CancellationToken;
+//! use tokio_util::sync::{CancellationToken, DropGuard};
 //!
 //! let config = Config::load(None)?;
 //! let mut registry = Registry::new();
@@ -33,7 +33,7 @@
 use std::sync::atomic::Ordering;
 
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use crate::config::{mask_url, Config};
 use crate::error::{Error, Result};
@@ -55,6 +55,9 @@ pub struct HeraldBuilder {
 pub struct Herald {
     services: JoinSet<Result<()>>,
     shutdown: CancellationToken,
+    /// The process's notifier, stopped once the services have (a worker
+    /// still hears cancellations during its shutdown grace).
+    notifier: Option<(tokio::task::JoinHandle<Result<()>>, DropGuard)>,
 }
 
 impl Herald {
@@ -74,6 +77,7 @@ impl Herald {
     /// cancelled). The first service that fails cancels the others, and its
     /// error is returned once they have stopped.
     pub async fn wait(mut self) -> Result<()> {
+        let mut failed = None;
         while let Some(done) = self.services.join_next().await {
             let outcome = match done {
                 Ok(outcome) => outcome,
@@ -82,10 +86,15 @@ impl Herald {
             if let Err(e) = outcome {
                 self.shutdown.cancel();
                 while self.services.join_next().await.is_some() {}
-                return Err(e);
+                failed = Some(e);
+                break;
             }
         }
-        Ok(())
+        if let Some((task, stop)) = self.notifier.take() {
+            drop(stop);
+            let _ = task.await;
+        }
+        failed.map_or(Ok(()), Err)
     }
 }
 
@@ -169,6 +178,22 @@ impl HeraldBuilder {
         #[cfg(feature = "admin")]
         let readiness = crate::admin::Readiness::default();
         let mut roles = Vec::new();
+        // One LISTEN session for the process, named for its one listening
+        // service when there is only one (as when that service runs alone).
+        let listeners = [
+            (self.relay, crate::relay::LISTEN_APPLICATION_NAME),
+            (
+                self.workers.is_some(),
+                crate::worker::LISTEN_APPLICATION_NAME,
+            ),
+            (self.scheduler, crate::cron::LISTEN_APPLICATION_NAME),
+        ];
+        let mut on = listeners.iter().filter(|(on, _)| *on);
+        let name = match (on.next(), on.next()) {
+            (Some((_, name)), None) => name,
+            _ => crate::notifier::APPLICATION_NAME,
+        };
+        let notifier = crate::notifier::Notifier::new(&config, name);
         if self.relay {
             if let Err(e) = redis.get().await {
                 tracing::warn!(
@@ -180,7 +205,8 @@ impl HeraldBuilder {
             // A pool of its own (connections open on demand): the relay's
             // claims never queue behind the workers' for a connection.
             let relay_pool = crate::db::pool(&config, "herald-relay")?;
-            let relay = crate::relay::Relay::new(&config, relay_pool, redis.clone());
+            let relay = crate::relay::Relay::new(&config, relay_pool, redis.clone())
+                .with_notifier(notifier.clone());
             #[cfg(feature = "admin")]
             {
                 let stats = relay.stats();
@@ -190,7 +216,8 @@ impl HeraldBuilder {
             services.spawn(relay.run(shutdown.clone()));
         }
         if self.scheduler {
-            let scheduler = crate::cron::Scheduler::new(&config, pool.clone());
+            let scheduler =
+                crate::cron::Scheduler::new(&config, pool.clone()).with_notifier(notifier.clone());
             #[cfg(feature = "admin")]
             {
                 let stats = scheduler.stats();
@@ -199,8 +226,10 @@ impl HeraldBuilder {
             roles.push(Role::Scheduler);
             services.spawn(scheduler.run(shutdown.clone()));
         }
+        let workers = self.workers.is_some();
         if let Some(registry) = self.workers {
-            let worker = crate::worker::Worker::new(&config, pool.clone(), registry);
+            let worker = crate::worker::Worker::new(&config, pool.clone(), registry)
+                .with_notifier(notifier.clone());
             #[cfg(feature = "admin")]
             {
                 let stats = worker.stats();
@@ -224,7 +253,16 @@ impl HeraldBuilder {
             let maintenance = crate::maintenance::Maintenance::new(&config);
             services.spawn(maintenance.run(shutdown.clone()));
         }
-        Ok(Herald { services, shutdown })
+        let notifier = (self.relay || self.scheduler || workers).then(|| {
+            let stop = CancellationToken::new();
+            let task = tokio::spawn(notifier.run(stop.clone()));
+            (task, stop.drop_guard())
+        });
+        Ok(Herald {
+            services,
+            shutdown,
+            notifier,
+        })
     }
 
     /// [`start`](Self::start), then [`Herald::wait`].

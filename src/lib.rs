@@ -26,6 +26,7 @@
 #[cfg(feature = "admin")]
 pub mod admin;
 mod app;
+mod backoff;
 pub mod cache;
 pub mod config;
 pub mod cron;
@@ -36,6 +37,7 @@ pub mod events;
 pub mod maintenance;
 pub mod migrate;
 pub mod nodes;
+pub mod notifier;
 pub mod outbox;
 pub mod pubsub;
 pub mod queue;

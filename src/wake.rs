@@ -23,8 +23,10 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch, Notify};
 use tokio_postgres::NoTls;
 
+use crate::backoff::Backoff;
 use crate::config::Config;
 use crate::error::{Context, Result};
+use crate::notifier::{Signal, Subscription};
 
 /// First key of the wake locks ("herw" in ASCII); the second key names the
 /// table: 1 for `herald.outbox`, 2 for `herald.tasks`.
@@ -73,6 +75,7 @@ impl Idle {
 }
 
 /// Counters of one consumer's sleeps.
+#[derive(Clone, Copy)]
 pub(crate) struct Gauges<'a> {
     pub sleeps: &'a AtomicU64,
     pub asleep: &'a AtomicBool,
@@ -250,5 +253,91 @@ impl WakeLock {
         gauges.asleep.store(true, Ordering::Relaxed);
         wake.send_modify(|g| *g += 1);
         Ok(())
+    }
+}
+
+/// Where one consumer's wake lock lives, and what it serves.
+pub(crate) struct Consumer<'a> {
+    pub config: &'a Config,
+    pub application_name: &'a str,
+    pub key: (i32, i32),
+    pub share: bool,
+    pub idle: &'a Idle,
+    /// Wakes the claim loops for a sweep.
+    pub wake: &'a watch::Sender<u64>,
+    pub gauges: Gauges<'a>,
+}
+
+/// After the notifier's `Up`: hold the wake lock (on a session of its own,
+/// opened now) until the subscription goes `Down`, and return why (`None`
+/// when the notifier is gone). `on_notification(channel, payload)` says
+/// whether a notification is work (the claim loops are woken and the lock
+/// let go of) or not. A lost wake-lock session is reopened with backoff
+/// while LISTEN stays up, and the claim loops sweep: producers that held
+/// the lock shared while it was gone did not notify.
+pub(crate) async fn serve_while_up(
+    subscription: &mut Subscription,
+    consumer: Consumer<'_>,
+    on_notification: &(dyn Fn(&str, &str) -> bool + Sync),
+) -> Option<String> {
+    let notified = Notify::new();
+    let down = AtomicBool::new(false);
+    let pump = async {
+        let end = loop {
+            match subscription.recv().await {
+                Some(Signal::Notification { channel, payload }) => {
+                    if on_notification(&channel, &payload) {
+                        consumer.wake.send_modify(|g| *g += 1);
+                        notified.notify_one();
+                    }
+                }
+                Some(Signal::Up) => {}
+                Some(Signal::Down(reason)) => break Some(reason),
+                None => break None,
+            }
+        };
+        down.store(true, Ordering::Relaxed);
+        end
+    };
+    let mut pump = std::pin::pin!(pump);
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+    loop {
+        let open = WakeLock::open(
+            consumer.config,
+            consumer.application_name,
+            consumer.key,
+            consumer.share,
+        );
+        let opened = tokio::select! {
+            end = &mut pump => return end,
+            opened = open => opened,
+        };
+        match opened {
+            Ok(lock) => {
+                backoff.reset();
+                let end = lock
+                    .serve(
+                        pump.as_mut(),
+                        &notified,
+                        consumer.idle,
+                        consumer.wake,
+                        consumer.gauges,
+                    )
+                    .await;
+                if down.load(Ordering::Relaxed) {
+                    return end;
+                }
+                tracing::warn!(
+                    reason = end.unwrap_or_default(),
+                    "wake lock lost; reopening"
+                );
+            }
+            Err(error) => tracing::warn!(%error, "opening the wake lock failed"),
+        }
+        consumer.wake.send_modify(|g| *g += 1);
+        tokio::select! {
+            end = &mut pump => return end,
+            _ = tokio::time::sleep(backoff.next()) => {}
+        }
     }
 }

@@ -7,7 +7,8 @@
 //!   validation, and the Rust API ([`upsert`], [`pause`], [`sync_config`], …).
 //! - `misfire`: which due ticks fire on catch-up ([`plan`]).
 //! - `scheduler`: the [`Scheduler`] service, tick → enqueue.
-//! - `listener`: its LISTEN session, which only signals "look again".
+//! - `listener`: its subscription to the notifier, which only signals
+//!   "look again".
 //!
 //! The statements on `herald.schedules` are in `store::schedules`; the
 //! `herald schedules …` commands are in the CLI.
@@ -43,6 +44,10 @@ use crate::error::Error;
 
 /// The NOTIFY channel of `herald.schedules` (statement trigger).
 pub const CHANNEL: &str = "herald_schedules";
+/// `application_name` of the LISTEN connection (the notifier's session) of
+/// a scheduler that runs alone or alone in its process; see
+/// `crate::notifier::APPLICATION_NAME`.
+pub const LISTEN_APPLICATION_NAME: &str = "herald-scheduler-listen";
 
 /// Counters of a [`Scheduler`] and its listener that a caller (a test, the
 /// bench, `/readyz`) can read while it runs.

@@ -43,6 +43,8 @@ pub struct Scheduler {
     pool: Pool,
     declared: Vec<Schedule>,
     stats: Arc<SchedulerStats>,
+    /// The process's notifier; `None`: the scheduler runs one of its own.
+    notifier: Option<crate::notifier::Notifier>,
 }
 
 impl Scheduler {
@@ -52,6 +54,7 @@ impl Scheduler {
             pool,
             declared: Vec::new(),
             stats: Arc::new(SchedulerStats::default()),
+            notifier: None,
         }
     }
 
@@ -59,6 +62,13 @@ impl Scheduler {
     /// updated, never removed automatically) when the scheduler starts.
     pub fn schedule(mut self, schedule: Schedule) -> Scheduler {
         self.declared.push(schedule);
+        self
+    }
+
+    /// Hear `herald_schedules` through the process's `notifier` (which the
+    /// caller runs) instead of a LISTEN session of the scheduler's own.
+    pub fn with_notifier(mut self, notifier: crate::notifier::Notifier) -> Scheduler {
+        self.notifier = Some(notifier);
         self
     }
 
@@ -71,8 +81,14 @@ impl Scheduler {
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         self.save_declared().await?;
         let (wake_tx, wake) = watch::channel(0u64);
+        let own = self.notifier.is_none();
+        let notifier = self.notifier.clone().unwrap_or_else(|| {
+            crate::notifier::Notifier::new(&self.config, super::LISTEN_APPLICATION_NAME)
+        });
+        let stop_notifier = shutdown.child_token();
+        let own_notifier = own.then(|| tokio::spawn(notifier.clone().run(stop_notifier.clone())));
         let listener = tokio::spawn(listener::listen(
-            self.config.clone(),
+            notifier.subscribe(&[super::CHANNEL]),
             Arc::new(wake_tx),
             self.stats.clone(),
             shutdown.clone(),
@@ -84,6 +100,10 @@ impl Scheduler {
         self.fire_until(wake, &shutdown).await;
         listener.abort();
         let _ = listener.await;
+        stop_notifier.cancel();
+        if let Some(task) = own_notifier {
+            let _ = task.await;
+        }
         tracing::info!(
             fired = self.stats.fired.load(Ordering::Relaxed),
             "scheduler stopped"

@@ -27,12 +27,12 @@
 //! - [`publish`]: the pipelines to Redis and the batch's size;
 //! - [`settle`]: the commit, or what each event's fate writes back.
 //!
-//! Around it: [`listener`] (the LISTEN session and the wake lock, which
-//! only tell the drain workers when work may be waiting) and [`backoff`];
+//! Around it: [`listener`] (its subscription to the process's notifier
+//! and the wake lock, which only tell the drain workers when work may be
+//! waiting) and `crate::backoff`;
 //! archive expiry and the outbox's VACUUM are the maintenance leader's. The statements
 //! that write the outbox are `crate::store::outbox`'s.
 
-mod backoff;
 mod claim;
 mod dead_letter;
 pub(crate) mod fanout;
@@ -52,7 +52,7 @@ use crate::error::{Error, Result};
 use crate::events::Catalog;
 use crate::telemetry::names::{event, metric};
 
-pub(crate) use backoff::Backoff;
+pub(crate) use crate::backoff::Backoff;
 pub use claim::claim_hold;
 pub(crate) use publish::Pace;
 
@@ -69,7 +69,9 @@ pub const PARTITION_LOCK_SPACE: i32 = 0x6865_7261;
 pub const WAKE_LOCK: (i32, i32) = (crate::wake::WAKE_LOCK_SPACE, 1);
 /// `application_name` of the session that holds the wake lock.
 pub const WAKE_LOCK_APPLICATION_NAME: &str = "herald-relay-wake-lock";
-/// `application_name` of the LISTEN connection, to find it in pg_stat_activity.
+/// `application_name` of the LISTEN connection (the notifier's session) of
+/// a relay that runs alone or alone in its process, to find it in
+/// pg_stat_activity; see `crate::notifier::APPLICATION_NAME`.
 pub const LISTEN_APPLICATION_NAME: &str = "herald-relay-listen";
 
 /// Counters a caller (the CLI, a test, the bench) can read while it runs.
@@ -107,6 +109,8 @@ pub struct Relay {
     pool: Pool,
     redis: deadpool_redis::Pool,
     stats: Arc<RelayStats>,
+    /// The process's notifier; `None`: the relay runs one of its own.
+    notifier: Option<crate::notifier::Notifier>,
     // Compiled from the configuration; an error stops `run` at once.
     catalog: std::result::Result<Catalog, String>,
 }
@@ -118,8 +122,16 @@ impl Relay {
             pool,
             redis,
             stats: Arc::new(RelayStats::default()),
+            notifier: None,
             catalog: Catalog::from_config(config).map_err(|e| e.to_string()),
         }
+    }
+
+    /// Hear `herald_outbox` through the process's `notifier` (which the
+    /// caller runs) instead of a LISTEN session of the relay's own.
+    pub fn with_notifier(mut self, notifier: crate::notifier::Notifier) -> Relay {
+        self.notifier = Some(notifier);
+        self
     }
 
     pub fn stats(&self) -> Arc<RelayStats> {
@@ -134,8 +146,19 @@ impl Relay {
             let client = self.pool.get().await?;
             crate::migrate::check_schema(&client).await?;
         }
-        let (signals, listener_task) =
-            listener::spawn(&self.config, self.stats.clone(), shutdown.clone());
+        let own = self.notifier.is_none();
+        let notifier = self.notifier.clone().unwrap_or_else(|| {
+            crate::notifier::Notifier::new(&self.config, LISTEN_APPLICATION_NAME)
+        });
+        let (signals, listener_task) = listener::spawn(
+            &self.config,
+            &notifier,
+            self.stats.clone(),
+            shutdown.clone(),
+        );
+        // Alone, the relay runs its notifier until its drain workers stop.
+        let stop_notifier = shutdown.child_token();
+        let own_notifier = own.then(|| tokio::spawn(notifier.run(stop_notifier.clone())));
         let shared = Arc::new(Drainer {
             config: self.config.clone(),
             pool: self.pool.clone(),
@@ -185,6 +208,10 @@ impl Relay {
         }
         listener_abort.abort();
         let _ = listener.await;
+        stop_notifier.cancel();
+        if let Some(task) = own_notifier {
+            let _ = task.await;
+        }
         tracing::info!(
             published = self.stats.published.load(Ordering::Relaxed),
             "relay stopped"

@@ -1,7 +1,7 @@
 //! The worker runtime: runs handlers for tasks claimed from `herald.tasks`.
 //!
 //! Small services, each with one job (after River's layout):
-//! - the *listener* holds a dedicated LISTEN connection (`herald_tasks`
+//! - the *listener* follows the process's notifier (`herald_tasks`
 //!   wakes producers, `herald_cancel` fires a running task's token);
 //! - one *producer* per queue claims due tasks in batches with
 //!   `FOR UPDATE SKIP LOCKED` into `running` under a lease, bounded by the
@@ -63,7 +63,9 @@ use crate::error::{Error, Result};
 use completer::Completion;
 use shared::{Shared, StopReason};
 
-/// `application_name` of the worker's LISTEN connection.
+/// `application_name` of the worker's LISTEN connection (the notifier's
+/// session) when it runs alone or alone in its process; see
+/// `crate::notifier::APPLICATION_NAME`.
 pub const LISTEN_APPLICATION_NAME: &str = "herald-worker-listen";
 /// The wake lock ("herw", 2) an idle worker holds while it sleeps; the tasks
 /// trigger (sql/V8) notifies only then. See [`crate::wake`].
@@ -91,6 +93,8 @@ pub struct WorkerStats {
 pub struct Worker {
     shared: Arc<Shared>,
     queues: Vec<(String, usize)>,
+    /// The process's notifier; `None`: the worker runs one of its own.
+    notifier: Option<crate::notifier::Notifier>,
     /// Why the worker's own pool could not be built; `run` returns it.
     setup_error: Option<Error>,
 }
@@ -138,7 +142,16 @@ impl Worker {
                 stats: Arc::new(WorkerStats::default()),
             }),
             queues,
+            notifier: None,
         }
+    }
+
+    /// Hear `herald_tasks` and `herald_cancel` through the process's
+    /// `notifier` (which the caller runs) instead of a LISTEN session of the
+    /// worker's own.
+    pub fn with_notifier(mut self, notifier: crate::notifier::Notifier) -> Worker {
+        self.notifier = Some(notifier);
+        self
     }
 
     /// This worker's id, as written to `herald.tasks.leased_by`.
@@ -179,13 +192,24 @@ impl Worker {
                 Arc::new(move |id| shared.stop_task(id, StopReason::Cancelled))
             },
         };
+        let own = self.notifier.is_none();
+        let notifier = self.notifier.unwrap_or_else(|| {
+            crate::notifier::Notifier::new(&shared.config, LISTEN_APPLICATION_NAME)
+        });
         let listener = tokio::spawn(listener::listen(
             shared.config.clone(),
+            notifier.subscribe(&[
+                crate::store::tasks::NOTIFY_CHANNEL,
+                crate::store::tasks::CANCEL_CHANNEL,
+            ]),
             shared.stats.clone(),
             signals,
             idle.clone(),
             services.clone(),
         ));
+        // Alone, the worker runs its notifier until its tasks are settled
+        // (cancellations arrive through it during the grace period).
+        let own_notifier = own.then(|| tokio::spawn(notifier.run(services.clone())));
         let completer = tokio::spawn(completer::complete(shared.clone(), done_rx));
         let heartbeat = tokio::spawn(heartbeat::heartbeat(shared.clone(), services.clone()));
 
@@ -233,6 +257,9 @@ impl Worker {
         let _ = completer.await;
         services.cancel();
         let _ = tokio::join!(listener, heartbeat);
+        if let Some(task) = own_notifier {
+            let _ = task.await;
+        }
         tracing::info!(worker = %shared.id, "worker stopped");
         Ok(())
     }

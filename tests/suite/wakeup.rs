@@ -464,3 +464,153 @@ async fn every_task_starts_promptly_as_the_worker_goes_to_sleep_and_wakes() {
     stop.cancel();
     handle.await.unwrap().unwrap();
 }
+
+/// `herald run` opens one LISTEN session for its relay, workers and
+/// scheduler (the notifier); killed, it is reopened and both events and
+/// tasks still get through promptly (safety sweeps an hour away).
+#[tokio::test(flavor = "multi_thread")]
+async fn herald_run_listens_on_one_session_that_survives_termination() {
+    let db = db_without_safety_sweep().await;
+    let mut collector = db.collector().await;
+    let client = db.client().await;
+    let child = common::HeraldProcess::command(
+        &db.config,
+        &["run"],
+        &[
+            ("HERALD_ADMIN_ENABLED", "false"),
+            ("HERALD_RELAY_POLL_INTERVAL", "1h"),
+            ("HERALD_WORKER_POLL_INTERVAL", "1h"),
+        ],
+    );
+    let notifier_sessions = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND application_name = '{}'",
+        herald::notifier::APPLICATION_NAME
+    );
+    let listen_sessions = "SELECT count(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query LIKE 'LISTEN %'";
+    let (c, n, l) = (&client, notifier_sessions.as_str(), listen_sessions);
+    // The notifier's last statement is the LISTEN on its last channel.
+    common::wait_for(
+        "the notifier's session",
+        Duration::from_secs(20),
+        || async move { common::scalar(c, n).await == 1 && common::scalar(c, l).await == 1 },
+    )
+    .await;
+    let per_service = "SELECT count(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name IN \
+         ('herald-relay-listen', 'herald-worker-listen', 'herald-scheduler-listen')";
+    assert_eq!(common::scalar(&client, per_service).await, 0);
+
+    let mut seq = 0;
+    for round in 0..2 {
+        // Both paths go through the one session: an event is relayed and a
+        // task runs, each well before any safety sweep.
+        publish(&client, seq).await;
+        seq += 1;
+        assert!(
+            collector
+                .distinct(seq as usize, Duration::from_secs(5))
+                .await,
+            "round {round}: the event arrives promptly"
+        );
+        herald::enqueue(
+            &client,
+            &herald::Task::new("herald.noop", &json!({"round": round})).unwrap(),
+        )
+        .await
+        .unwrap();
+        // A succeeded task is deleted (no `retain_completed`).
+        let pending =
+            format!("SELECT count(*) FROM herald.tasks WHERE payload->>'round' = '{round}'");
+        let (c, p) = (&client, pending.as_str());
+        common::wait_for("the task to run", Duration::from_secs(5), || async move {
+            common::scalar(c, p).await == 0
+        })
+        .await;
+        if round == 0 {
+            let killed = common::scalar(
+                &client,
+                &format!(
+                    "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND application_name = '{}') t",
+                    herald::notifier::APPLICATION_NAME
+                ),
+            )
+            .await;
+            assert_eq!(killed, 1);
+            let (c, n) = (&client, notifier_sessions.as_str());
+            common::wait_for("the notifier to reconnect", Duration::from_secs(10), || async move {
+                common::scalar(c, n).await == 1 && common::scalar(c, l).await == 1
+            })
+            .await;
+        }
+    }
+    let dead = common::scalar(&client, "SELECT count(*) FROM herald.dead_letters").await;
+    assert_eq!(dead, 0, "both tasks succeeded");
+    child.terminate().await;
+}
+
+/// The next signal of a notifier subscription, within 10 s.
+async fn next(s: &mut herald::notifier::Subscription) -> herald::notifier::Signal {
+    tokio::time::timeout(Duration::from_secs(10), s.recv())
+        .await
+        .expect("a signal within 10 s")
+        .expect("the notifier runs")
+}
+
+/// The notifier: `Up` once LISTEN is in effect (also for a channel added
+/// while connected), each notification on the subscriber's channels only,
+/// `Down` when its session is lost, then `Up` again.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_notifier_says_up_notifications_and_down_in_order() {
+    use herald::notifier::{Notifier, Signal};
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let notifier = Notifier::new(&db.config, "herald-notifier-test");
+    let mut first = notifier.subscribe(&["herald_test_a"]);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(notifier.clone().run(stop.clone()));
+    assert_eq!(next(&mut first).await, Signal::Up);
+    assert!(notifier.connected());
+    let mut second = notifier.subscribe(&["herald_test_b"]);
+    assert_eq!(next(&mut second).await, Signal::Up);
+    client
+        .batch_execute("NOTIFY herald_test_b, 'x'; NOTIFY herald_test_a, 'y'")
+        .await
+        .unwrap();
+    let a = Signal::Notification {
+        channel: "herald_test_a".into(),
+        payload: "y".into(),
+    };
+    let b = Signal::Notification {
+        channel: "herald_test_b".into(),
+        payload: "x".into(),
+    };
+    assert_eq!(next(&mut first).await, a);
+    assert_eq!(next(&mut second).await, b);
+    let killed = common::scalar(
+        &client,
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'herald-notifier-test') t",
+    )
+    .await;
+    assert_eq!(killed, 1);
+    for s in [&mut first, &mut second] {
+        assert!(matches!(next(s).await, Signal::Down(_)));
+        assert_eq!(next(s).await, Signal::Up);
+    }
+    client
+        .batch_execute("NOTIFY herald_test_a, 'z'")
+        .await
+        .unwrap();
+    assert_eq!(
+        next(&mut first).await,
+        Signal::Notification {
+            channel: "herald_test_a".into(),
+            payload: "z".into(),
+        }
+    );
+    stop.cancel();
+    running.await.unwrap().unwrap();
+}

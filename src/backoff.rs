@@ -1,5 +1,5 @@
 //! Capped exponential backoff with full jitter, for the relay's drain
-//! workers and its LISTEN reconnects (the scheduler borrows it too).
+//! workers, the scheduler and the notifier's reconnects.
 //!
 //! It only computes delays: it must never sleep itself.
 
