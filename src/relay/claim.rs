@@ -72,8 +72,18 @@ impl ClaimTx {
         self.finish("COMMIT").await
     }
 
-    pub(super) async fn rollback(self) -> std::result::Result<(), tokio_postgres::Error> {
-        self.finish("ROLLBACK").await
+    /// ROLLBACK, keeping the connection for a caller that holds session
+    /// locks on it; `None` when the ROLLBACK failed (the connection is
+    /// closed, and its session locks go with it).
+    pub(super) async fn rollback_keeping(mut self) -> Option<deadpool_postgres::Object> {
+        let client = self.0.take().expect("an unfinished claim transaction");
+        match client.batch_execute("ROLLBACK").await {
+            Ok(()) => Some(client),
+            Err(_) => {
+                drop(deadpool_postgres::Object::take(client));
+                None
+            }
+        }
     }
 
     async fn finish(mut self, sql: &str) -> std::result::Result<(), tokio_postgres::Error> {

@@ -1,8 +1,9 @@
 //! Ending a batch: the commit of a batch Redis took whole, or, when it did
 //! not, the rollback and then the settlement of each event by what Redis
 //! did with it (removed and archived, charged an attempt with a backoff,
-//! noted as not sent, retired to the dead letters), in a transaction that
-//! holds the batch's partitions again.
+//! noted as not sent, retired to the dead letters), in a transaction on the
+//! same connection, which holds the batch's partitions from before the
+//! rollback until the settlement commits.
 //!
 //! It must never remove an event Redis did not accept, and never leave a
 //! due event behind a held one in its partition (CLAIM tests only the
@@ -18,6 +19,14 @@ use super::claim::Claim;
 use super::dead_letter::Checked;
 use super::publish::Pace;
 use super::{Drainer, PARTITION_LOCK_SPACE};
+
+// The claim's partitions, held at session level through its ROLLBACK until
+// the settlement commits: between the two, another claim would find the
+// accepted events back in the outbox and publish them again.
+const HOLD_PARTITIONS: &str = "
+SELECT count(pg_advisory_lock($1, p))
+FROM (SELECT DISTINCT unnest($2::smallint[]) AS p ORDER BY 1) AS parts";
+const RELEASE_PARTITIONS: &str = "SELECT pg_advisory_unlock_all()";
 
 // Wait for (not try) the partitions' transaction locks, in a fixed order.
 const LOCK_PARTITIONS: &str = "
@@ -90,7 +99,11 @@ impl Drainer {
             events,
             ..
         } = claim;
-        tx.rollback().await.context("rolling back a failed batch")?;
+        // Already held by this session (for the transaction), so at once.
+        tx.execute(HOLD_PARTITIONS, &[&PARTITION_LOCK_SPACE, &batch.partitions])
+            .await
+            .context("holding a failed batch's partitions")?;
+        let held_client = tx.rollback_keeping().await;
         span.record("otel.status_code", "ERROR");
         tracing::debug!(parent: &span, event = event::RELAY_PARTITION_RELEASED,
             partitions = held.as_str(), outcome = "rolled back", "relay partitions released");
@@ -121,7 +134,8 @@ impl Drainer {
             || "redis: not sent: the batch's publish time ran out".to_string(),
             |e| e.to_string(),
         );
-        self.settle(&settle, &outage_text).await?;
+        self.settle_holding(held_client, &settle, &outage_text)
+            .await?;
         if !settle.accepted.is_empty() {
             self.stats
                 .published
@@ -182,10 +196,36 @@ impl Drainer {
     /// partitions: remove what Redis accepted, charge what it refused (with
     /// a backoff that holds back their partitions), note the outage on what
     /// it did not run, and retire what has failed too often.
-    async fn settle(&self, settle: &Settle, outage: &str) -> Result<()> {
+    /// [`settle`](Self::settle) on the claim's own connection, which holds
+    /// the partitions at session level (`None` when its ROLLBACK failed: the
+    /// session and its locks are gone, and any connection will do); then
+    /// let the partitions go.
+    async fn settle_holding(
+        &self,
+        held: Option<deadpool_postgres::Object>,
+        settle: &Settle,
+        outage: &str,
+    ) -> Result<()> {
+        let Some(mut client) = held else {
+            let mut client = self.pool.get().await?;
+            return self.settle(&mut client, settle, outage).await;
+        };
+        let settled = self.settle(&mut client, settle, outage).await;
+        if client.batch_execute(RELEASE_PARTITIONS).await.is_err() {
+            // Closing the session lets go of its locks.
+            drop(deadpool_postgres::Object::take(client));
+        }
+        settled
+    }
+
+    async fn settle(
+        &self,
+        client: &mut deadpool_postgres::Object,
+        settle: &Settle,
+        outage: &str,
+    ) -> Result<()> {
         use crate::store::outbox;
         let relay = &self.config.relay;
-        let mut client = self.pool.get().await?;
         let tx = client
             .transaction()
             .await
