@@ -2,7 +2,9 @@
 //! with its SQL as consts beside the one function that runs it and its rows
 //! read by column name into typed structs beside the SELECT that produces
 //! them. A grep for a table's name in Rust finds its module here (and the
-//! migrations).
+//! migrations). Two tables keep the module that always owned them:
+//! `herald.nodes` is `crate::nodes`' and `herald.settings` is
+//! `crate::migrate`'s.
 
 pub(crate) mod dead_letters;
 pub(crate) mod outbox;
