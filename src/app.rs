@@ -98,17 +98,6 @@ impl Herald {
     }
 }
 
-/// An error and its sources, as one line ("a: b: c").
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut out = error.to_string();
-    let mut source = error.source();
-    while let Some(s) = source {
-        out.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    out
-}
-
 impl HeraldBuilder {
     /// Relay committed events from `herald.outbox` to Redis.
     pub fn relay(mut self, on: bool) -> Self {
@@ -160,7 +149,7 @@ impl HeraldBuilder {
             // Fail fast on a wrong URL instead of backing off forever.
             let client = pool.get().await.map_err(|e| Error::Startup {
                 context: format!("connecting to {}", mask_url(&config.database_url)),
-                error: Box::new(Error::Other(chain(&e))),
+                error: Box::new(Error::Other(crate::error::chain(&e))),
             })?;
             crate::migrate::check_schema(&client).await?;
         }

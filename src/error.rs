@@ -109,8 +109,13 @@ pub fn describe_pg(error: &tokio_postgres::Error) -> String {
         }
         return out;
     }
+    chain(error)
+}
+
+/// An error and its sources, as one line ("a: b: c").
+pub(crate) fn chain(error: &dyn std::error::Error) -> String {
     let mut out = error.to_string();
-    let mut source = std::error::Error::source(error);
+    let mut source = error.source();
     while let Some(s) = source {
         out.push_str(&format!(": {s}"));
         source = s.source();

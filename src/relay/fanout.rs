@@ -11,7 +11,7 @@
 
 use std::sync::atomic::Ordering;
 
-use crate::error::{Context, Error, Result};
+use crate::error::{Context, Result};
 use crate::store::tasks;
 use crate::telemetry::names::metric;
 
@@ -26,9 +26,7 @@ async fn insert_tasks_in_claim(
     topics: &[String],
     envelopes: &[String],
 ) -> Result<u64> {
-    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
-    let envelopes: Vec<&str> = envelopes.iter().map(String::as_str).collect();
-    tasks::fan_out_prepared(&claim.tx, &topics, &envelopes).await
+    tasks::fan_out_prepared(&claim.tx, topics, envelopes).await
 }
 
 // ---- The steps. ----
@@ -86,15 +84,7 @@ impl Drainer {
         if fan_topics.is_empty() {
             return Ok(0);
         }
-        let tasks = tasks::fan_out(tx, &fan_topics, &fan_envelopes)
-            .await
-            .map_err(|e| match e {
-                Error::Postgres { error, .. } => Error::Postgres {
-                    context: "inserting tasks for durable subscriptions while Redis is down".into(),
-                    error,
-                },
-                other => other,
-            })?;
+        let tasks = tasks::fan_out_apart(tx, &fan_topics, &fan_envelopes).await?;
         self.fanned_out(tasks);
         Ok(tasks)
     }

@@ -448,10 +448,9 @@ JOIN herald.subscriptions s ON s.enabled AND e.topic LIKE s.topic_like
 ORDER BY e.ord, s.name";
 
 /// Insert the durable subscriptions' tasks for events (`topics[i]`, with
-/// envelope JSON `envelopes[i]`) through `client` (the claim's
-/// transaction); returns how many tasks. A caller with a statement cache
-/// prepares [`FAN_OUT`] itself.
-pub(crate) async fn fan_out<C: GenericClient + Sync>(
+/// envelope JSON `envelopes[i]`) while Redis does not take them, in the
+/// transaction that marks them `fanned_out`; returns how many tasks.
+pub(crate) async fn fan_out_apart<C: GenericClient + Sync>(
     client: &C,
     topics: &[&str],
     envelopes: &[&str],
@@ -459,15 +458,15 @@ pub(crate) async fn fan_out<C: GenericClient + Sync>(
     client
         .execute(FAN_OUT, &[&topics, &envelopes])
         .await
-        .context("inserting tasks for durable subscriptions")
+        .context("inserting tasks for durable subscriptions while Redis is down")
 }
 
-/// [`fan_out`] through the transaction's statement cache (it runs on
-/// every batch the catalog checks).
+/// The same in the claim's transaction, through its statement cache (it
+/// runs on every batch the catalog checks).
 pub(crate) async fn fan_out_prepared(
     tx: &deadpool_postgres::ClientWrapper,
-    topics: &[&str],
-    envelopes: &[&str],
+    topics: &[String],
+    envelopes: &[String],
 ) -> Result<u64> {
     let statement = tx
         .prepare_cached(FAN_OUT)
