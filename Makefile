@@ -12,7 +12,7 @@ WITH_ENV = dev_env="$$($(DEV) env)" && eval "$$dev_env" &&
 
 .DEFAULT_GOAL := help
 
-.PHONY: help build run test coverage lint bench migrate services-up services-down services-status docker-up
+.PHONY: help build run test test-tools coverage lint bench migrate services-up services-down services-status docker-up
 
 help: ## List the targets
 	@echo "Herald make targets:"
@@ -24,8 +24,11 @@ build: ## Build the release binary (target/release/herald)
 run: services-up ## Start dev services, then `herald run` (migrates, relays)
 	$(WITH_ENV) $(CARGO) run --release --bin herald -- run
 
-test: services-up ## Start dev services, then run the whole test suite
+test: services-up test-tools ## Start dev services, then run the whole test suite
 	$(WITH_ENV) $(CARGO) test
+
+test-tools: ## Install the programs the suite starts itself (PgBouncer, Sentinel, Chromium) if missing
+	scripts/test-tools.sh install
 
 # `make coverage COVERAGE_ARGS="--test suite operator::"` measures one test module.
 COVERAGE_ARGS ?=
