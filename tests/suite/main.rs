@@ -6,6 +6,7 @@
 mod common;
 
 mod admin;
+mod admin_guard;
 mod cache;
 mod coverage_admin;
 mod coverage_cli;
