@@ -7,6 +7,7 @@ mod common;
 
 mod admin;
 mod admin_guard;
+mod budget;
 mod cache;
 mod coverage_admin;
 mod coverage_cli;
