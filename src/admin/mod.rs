@@ -111,7 +111,7 @@ async fn check_request(
             None => Err("the admin server does not know the address it is bound to".into()),
         };
         if let Err(message) = checked {
-            tracing::warn!(%message, "admin request refused");
+            tracing::debug!(%message, "admin request refused");
             return (StatusCode::MISDIRECTED_REQUEST, message).into_response();
         }
     }

@@ -248,3 +248,51 @@ async fn pools_smaller_than_the_relay_stop_the_process_at_start_naming_the_setti
         "{table}"
     );
 }
+
+#[tokio::test]
+async fn herald_scheduler_logs_its_budget_at_start() {
+    use tokio::io::AsyncBufReadExt;
+    let db = TestDb::new().await;
+    let config = {
+        let mut c = db.config.clone();
+        c.postgres.pool_size = 4;
+        c
+    };
+    let expected = Budget::of(
+        &config,
+        Services {
+            scheduler: true,
+            ..Services::default()
+        },
+    );
+    let mut child = common::herald_command(
+        &db.config,
+        &["scheduler"],
+        &[("RUST_LOG", "info"), ("HERALD_LOG_FORMAT", "json")],
+    )
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("connection budget") {
+                return line;
+            }
+        }
+        panic!("herald scheduler exited without logging its budget");
+    })
+    .await
+    .expect("the budget is logged at start");
+    let logged: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(logged["fields"]["postgres"], expected.postgres, "{line}");
+    assert_eq!(logged["fields"]["redis"], expected.redis, "{line}");
+    assert!(
+        logged["fields"]["lines"]
+            .as_str()
+            .unwrap()
+            .contains("maintenance_candidate_session=1/0"),
+        "{line}"
+    );
+    child.kill().await.unwrap();
+}
