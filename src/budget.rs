@@ -28,10 +28,10 @@ pub struct Services {
     pub worker: bool,
     pub scheduler: bool,
     pub admin: bool,
-    /// `Subscriber`s the application keeps connected.
+    /// `Subscriber`s the application keeps connected, each
+    /// `Cache::invalidate_on` included (it holds one).
     pub subscribers: usize,
-    /// `Cache`s the application built, each with its own Redis pool (and
-    /// an invalidator when it follows events).
+    /// `Cache`s the application built, each with its own Redis pool.
     pub caches: usize,
 }
 
@@ -293,9 +293,9 @@ impl Budget {
                 "caches",
                 "",
                 0,
-                services.caches * (config.redis.pool_size + 1),
+                services.caches * config.redis.pool_size,
                 Held::OnDemand,
-                "each: redis.pool_size + 1 invalidator Subscriber".into(),
+                "each: redis.pool_size (invalidate_on Subscribers count above)".into(),
             );
         }
         let postgres = lines
@@ -489,7 +489,7 @@ mod tests {
                 ..Services::default()
             },
         );
-        assert_eq!((embedder.postgres, embedder.redis), (0, 3 + 9));
+        assert_eq!((embedder.postgres, embedder.redis), (0, 3 + 8));
     }
 
     #[test]
