@@ -59,5 +59,5 @@ services-down: ## Stop the services that services-up started
 services-status: ## Say which services answer
 	$(DEV) status
 
-docker-up: ## Build the image and run Postgres, Redis and Herald with docker compose
+docker-up: ## Build the image and run Postgres, Redis and Herald's roles with docker compose (needs HERALD_ADMIN_TOKEN)
 	docker compose up --build

@@ -68,13 +68,17 @@ tcp_open() {
 redis_answers() {
     local reply=""
     if have redis-cli; then
-        reply="$(timeout 3 redis-cli -h "$HOST" -p "$REDIS_PORT" ping 2>/dev/null </dev/null || true)"
+        # A password is harmless to a server without one (Redis 6+).
+        reply="$(REDISCLI_AUTH="${HERALD_REDIS_PASSWORD:-herald}" timeout 3 redis-cli --no-auth-warning \
+            -h "$HOST" -p "$REDIS_PORT" ping 2>/dev/null </dev/null || true)"
     else
+        # AUTH first (an error on a server without a password), then PING.
         reply="$(timeout 3 bash -c '
             exec 3<>"/dev/tcp/$1/$2" || exit 1
-            printf "PING\r\n" >&3
+            printf "AUTH %s\r\nPING\r\n" "$3" >&3
             IFS= read -r -t 2 line <&3 || exit 1
-            printf "%s" "$line"' _ "$HOST" "$REDIS_PORT" 2>/dev/null || true)"
+            IFS= read -r -t 2 line <&3 || exit 1
+            printf "%s" "$line"' _ "$HOST" "$REDIS_PORT" "${HERALD_REDIS_PASSWORD:-herald}" 2>/dev/null || true)"
     fi
     [[ "${reply%$'\r'}" == "+PONG" || "${reply%$'\r'}" == "PONG" ]]
 }
@@ -296,7 +300,12 @@ stop_local_redis() {
 
 # ---------------------------------------------------------------- docker
 
-compose() { (cd "$ROOT" && HERALD_DEV_PG_PORT="$PG_PORT" HERALD_DEV_REDIS_PORT="$REDIS_PORT" docker compose "$@"); }
+# docker-compose.yml requires HERALD_ADMIN_TOKEN for any command; this script
+# starts only postgres and redis, which never read it.
+compose() {
+    (cd "$ROOT" && HERALD_DEV_PG_PORT="$PG_PORT" HERALD_DEV_REDIS_PORT="$REDIS_PORT" \
+        HERALD_ADMIN_TOKEN="${HERALD_ADMIN_TOKEN:-unused-by-dev-services}" docker compose "$@")
+}
 
 start_docker() { # services...
     say "starting $* with docker compose"
@@ -416,10 +425,12 @@ cmd_status() {
 }
 
 cmd_env() {
-    local pg_user="postgres"
-    if started_field docker-postgres >/dev/null; then pg_user="herald:herald"; fi
+    # The containers of docker-compose.yml have passwords (defaults: herald).
+    local pg_user="postgres" redis_auth=""
+    if started_field docker-postgres >/dev/null; then pg_user="herald:${HERALD_DB_PASSWORD:-herald}"; fi
+    if started_field docker-redis >/dev/null; then redis_auth=":${HERALD_REDIS_PASSWORD:-herald}@"; fi
     local base="postgres://$pg_user@$HOST:$PG_PORT"
-    local redis="redis://$HOST:$REDIS_PORT"
+    local redis="redis://$redis_auth$HOST:$REDIS_PORT"
     printf 'export DATABASE_URL="${DATABASE_URL:-%s/herald}"\n' "$base"
     printf 'export HERALD_TEST_DATABASE_URL="${HERALD_TEST_DATABASE_URL:-%s/postgres}"\n' "$base"
     printf 'export REDIS_URL="${REDIS_URL:-%s}"\n' "$redis"

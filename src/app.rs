@@ -125,10 +125,42 @@ impl HeraldBuilder {
         self
     }
 
+    /// What this builder starts, for [`crate::budget`].
+    pub fn services(&self) -> crate::budget::Services {
+        crate::budget::Services {
+            relay: self.relay,
+            worker: self.workers.is_some(),
+            scheduler: self.scheduler,
+            #[cfg(feature = "admin")]
+            admin: self.admin,
+            ..Default::default()
+        }
+    }
+
+    /// The connections this process will hold at most; [`start`](Self::start)
+    /// refuses pools smaller than its services need
+    /// ([`Budget::check`](crate::budget::Budget::check)).
+    pub fn budget(&self) -> crate::budget::Budget {
+        crate::budget::Budget::of(&self.config, self.services())
+    }
+
     /// Migrate (when `migrate_on_start`), check the schema, then start the
     /// chosen services; they stop when `shutdown` is cancelled.
     pub async fn start(self, shutdown: CancellationToken) -> Result<Herald> {
+        let budget = self.budget();
         let config = self.config;
+        // Before connecting: pools too small for the services fail at once.
+        budget.check()?;
+        tracing::info!(
+            postgres = budget.postgres,
+            postgres_always = budget.postgres_always,
+            redis = budget.redis,
+            lines = %budget.summary(),
+            "connection budget: most connections this process holds at once (herald budget explains)"
+        );
+        if let Some(note) = budget.handler_note() {
+            tracing::info!("{note}");
+        }
         #[cfg(feature = "admin")]
         if self.admin {
             // Before migrating or connecting: a wrong bind fails at once.

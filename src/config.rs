@@ -360,6 +360,18 @@ pub struct AdminConfig {
     pub token: Option<String>,
     /// Disable every action (replay, purge, pause, …); pages stay readable.
     pub read_only: bool,
+    /// Reverse proxies (IP addresses or CIDR networks) whose
+    /// `X-Forwarded-Proto` and `X-Forwarded-For` headers are believed: the
+    /// first marks the session cookie `Secure`, the second names the client
+    /// the sign-in limit counts. Empty: both headers are ignored.
+    pub trusted_proxies: Vec<String>,
+    /// Failed sign-ins (wrong `/login` token or wrong bearer token) one
+    /// client address may make within `login_window`; past it every attempt
+    /// from that address, right or wrong, answers 429 until the oldest
+    /// failure leaves the window.
+    pub login_max_failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub login_window: Duration,
 }
 
 impl Default for AdminConfig {
@@ -369,7 +381,38 @@ impl Default for AdminConfig {
             bind: "127.0.0.1:9187".into(),
             token: None,
             read_only: false,
+            trusted_proxies: Vec::new(),
+            login_max_failures: 5,
+            login_window: Duration::from_secs(300),
         }
+    }
+}
+
+impl AdminConfig {
+    /// The token, when one is set and not empty: an empty
+    /// `HERALD_ADMIN_TOKEN` (as compose files pass on) means none.
+    pub fn active_token(&self) -> Option<&str> {
+        self.token.as_deref().filter(|t| !t.is_empty())
+    }
+
+    /// `trusted_proxies` parsed; an entry that is neither an address nor a
+    /// network is named.
+    pub fn trusted_networks(&self) -> Result<Vec<ipnet::IpNet>> {
+        self.trusted_proxies
+            .iter()
+            .map(|entry| {
+                let entry = entry.trim();
+                entry
+                    .parse::<ipnet::IpNet>()
+                    .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        Error::Config(format!(
+                            "admin.trusted_proxies: {entry:?} is neither an IP address nor a \
+                             network (e.g. 10.0.0.5 or 10.0.0.0/8)"
+                        ))
+                    })
+            })
+            .collect()
     }
 }
 
@@ -559,6 +602,17 @@ impl Config {
                     self.admin.bind
                 ))
             })?;
+        self.admin.trusted_networks()?;
+        if self.admin.login_max_failures == 0 {
+            return Err(Error::Config(
+                "admin.login_max_failures must be at least 1 (e.g. 5)".into(),
+            ));
+        }
+        if self.admin.login_window.is_zero() {
+            return Err(Error::Config(
+                "admin.login_window must be more than 0 (e.g. 5m)".into(),
+            ));
+        }
         if self.nodes.heartbeat_interval.is_zero() {
             return Err(Error::Config(
                 "nodes.heartbeat_interval must be more than 0 (e.g. 10s)".into(),

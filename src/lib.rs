@@ -22,11 +22,13 @@
 //!   VACUUM, run by one elected leader per database.
 //! - [`admin`]: the admin HTTP server (`/metrics`, `/healthz`, `/readyz`, dashboard).
 //! - [`config`]: settings from defaults, TOML and the environment.
+//! - [`budget`]: the Postgres and Redis connections a process may hold.
 
 #[cfg(feature = "admin")]
 pub mod admin;
 mod app;
 mod backoff;
+pub mod budget;
 pub mod cache;
 pub mod config;
 pub mod cron;

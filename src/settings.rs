@@ -301,6 +301,47 @@ mod tests {
     }
 
     #[test]
+    fn admin_guard_settings_come_from_the_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env(
+                "HERALD_ADMIN_TRUSTED_PROXIES",
+                "[10.0.0.0/8, \"192.168.1.7\"]",
+            );
+            jail.set_env("HERALD_ADMIN_LOGIN_MAX_FAILURES", "3");
+            jail.set_env("HERALD_ADMIN_LOGIN_WINDOW", "90s");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.admin.trusted_proxies, ["10.0.0.0/8", "192.168.1.7"]);
+            assert_eq!(
+                c.admin.trusted_networks().map_err(|e| e.to_string())?.len(),
+                2
+            );
+            assert_eq!(c.admin.login_max_failures, 3);
+            assert_eq!(c.admin.login_window, Duration::from_secs(90));
+            Ok(())
+        });
+        for (key, value, needle) in [
+            (
+                "HERALD_ADMIN_TRUSTED_PROXIES",
+                "[proxy.example]",
+                "admin.trusted_proxies",
+            ),
+            (
+                "HERALD_ADMIN_LOGIN_MAX_FAILURES",
+                "0",
+                "admin.login_max_failures",
+            ),
+            ("HERALD_ADMIN_LOGIN_WINDOW", "0s", "admin.login_window"),
+        ] {
+            figment::Jail::expect_with(|jail| {
+                jail.set_env(key, value);
+                let err = Config::load(None).unwrap_err().to_string();
+                assert!(err.contains(needle), "{err}");
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
     fn masking_hides_passwords() {
         assert_eq!(
             mask_url("postgres://app:hunter2@db:5432/app"),

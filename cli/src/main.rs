@@ -14,6 +14,7 @@ use herald::config::Config;
 use herald::outbox::Event;
 use herald::pubsub::{Delivery, Subscriber};
 
+mod budget;
 mod events;
 mod inspect;
 mod schedules;
@@ -180,6 +181,17 @@ as many as you like: each tick fires once across all of them.\n\nExample:\n  her
     #[command(subcommand)]
     Schedules(schedules::SchedulesCommand),
 
+    /// The Postgres and Redis connections a process may hold at once, by role.
+    #[command(
+        after_help = "Reads the configuration only; fails (after printing) when a pool is smaller than the services need, as the process itself would at start.
+
+Examples:
+  herald budget
+  herald budget --for worker --processes 3
+  herald budget --for relay --admin --json"
+    )]
+    Budget(budget::BudgetArgs),
+
     /// Print the effective configuration (TOML) with secrets masked.
     #[command(after_help = "Example:\n  HERALD_PARTITIONS=32 herald config")]
     Config,
@@ -345,6 +357,7 @@ async fn run_cli() -> anyhow::Result<()> {
         Command::Events(command) => events::events(&config, command)?,
         Command::Subscriptions(command) => events::subscriptions(&config, command).await?,
         Command::Config => print!("{}", config.to_masked_toml()),
+        Command::Budget(args) => budget::budget(&config, args)?,
         Command::Bench(args) => herald_bench::run(&config, args).await?,
     }
     Ok(())

@@ -4,9 +4,11 @@
 //! repairs through the library modules (`stats`, `nodes`, `migrate`, `dlq`,
 //! `queue`, `cron`) and never writes SQL of its own for them.
 //!
-//! It must never start on a non-loopback address without a token, and never
-//! run an action in read-only mode. The token guards every route but the
-//! two probes, which orchestrators call without credentials.
+//! It must never start on a non-loopback address without a token, never
+//! answer (without a token) a request whose `Host` is not its loopback
+//! address ([`guard`]), and never run an action in read-only mode. The
+//! token guards every route but the two probes, which orchestrators call
+//! without credentials.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -20,6 +22,7 @@ use deadpool_postgres::Pool;
 use tokio_util::sync::CancellationToken;
 
 pub mod dashboard;
+pub mod guard;
 pub mod health;
 pub mod metrics;
 
@@ -41,6 +44,10 @@ pub struct AdminState {
     pub dashboard: dashboard::Dashboard,
     /// This process's LISTEN connections, for `/readyz`.
     pub readiness: Readiness,
+    /// `admin.trusted_proxies`, parsed.
+    pub proxies: guard::Proxies,
+    /// Wrong tokens per client address (`admin.login_max_failures`).
+    pub sign_in_limit: guard::SignInLimit,
 }
 
 impl AdminState {
@@ -49,19 +56,23 @@ impl AdminState {
     pub fn new(config: Config, pool: Pool, redis: deadpool_redis::Pool) -> AdminState {
         AdminState {
             read_only: config.admin.read_only,
-            config,
             pool,
             redis,
             started_at: chrono::Utc::now(),
             dashboard: dashboard::Dashboard::default(),
             readiness: Readiness::default(),
+            proxies: guard::Proxies::new(&config.admin),
+            sign_in_limit: guard::SignInLimit::new(&config.admin),
+            config,
         }
     }
 }
 
 pub type SharedState = Arc<AdminState>;
 
-/// Every route, behind the token check when a token is set.
+/// Every route, behind the `Host` check when no token is set and the token
+/// check when one is. Serve it with [`app`] so that the checks know the
+/// connection; without it the `Host` is compared with `admin.bind`.
 pub fn router(state: SharedState) -> Router {
     Router::new()
         .route("/metrics", axum::routing::get(metrics::metrics))
@@ -70,7 +81,45 @@ pub fn router(state: SharedState) -> Router {
         .route("/login", axum::routing::get(login_page).post(login))
         .merge(dashboard::routes())
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(middleware::from_fn_with_state(state.clone(), check_request))
         .with_state(state)
+}
+
+/// [`router`] as a service that records each request's [`guard::Connection`].
+pub fn app(
+    state: SharedState,
+) -> axum::extract::connect_info::IntoMakeServiceWithConnectInfo<Router, guard::Connection> {
+    router(state).into_make_service_with_connect_info::<guard::Connection>()
+}
+
+/// The `Host` check (no token), then who the client is for the handlers.
+async fn check_request(
+    State(state): State<SharedState>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let connection = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<guard::Connection>>()
+        .map(|c| c.0);
+    if state.config.admin.active_token().is_none() {
+        let local = connection
+            .and_then(|c| c.local)
+            .or_else(|| state.config.admin.bind.parse().ok());
+        let checked = match local {
+            Some(local) => guard::check_host(request.headers(), local),
+            None => Err("the admin server does not know the address it is bound to".into()),
+        };
+        if let Err(message) = checked {
+            tracing::debug!(%message, "admin request refused");
+            return (StatusCode::MISDIRECTED_REQUEST, message).into_response();
+        }
+    }
+    let client = state
+        .proxies
+        .client(connection.map(|c| c.peer), request.headers());
+    request.extensions_mut().insert(client);
+    next.run(request).await
 }
 
 /// `Authorization: Bearer <token>` on every request when `admin.token` is
@@ -78,15 +127,27 @@ pub fn router(state: SharedState) -> Router {
 /// send a secret header, and they reveal only up/down.
 async fn require_token(State(state): State<SharedState>, request: Request, next: Next) -> Response {
     let open = matches!(request.uri().path(), "/healthz" | "/readyz" | "/login");
-    if let Some(token) = state.config.admin.token.as_ref().filter(|_| !open) {
-        let bearer = request
+    if let Some(token) = state.config.admin.active_token().filter(|_| !open) {
+        let cookie = session_cookie(request.headers())
+            .is_some_and(|c| constant_time_eq(c.as_bytes(), session_value(token).as_bytes()));
+        let given = request
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes()));
-        let cookie = session_cookie(request.headers())
-            .is_some_and(|c| constant_time_eq(c.as_bytes(), session_value(token).as_bytes()));
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let mut bearer = false;
+        if let (Some(given), false) = (given, cookie) {
+            // A bearer token is a sign-in too: guessing it here must not
+            // bypass the limit on /login.
+            let client = client_ip(&request);
+            if let Some(wait) = state.sign_in_limit.retry_after(client) {
+                return guard::too_many(wait);
+            }
+            bearer = constant_time_eq(given.as_bytes(), token.as_bytes());
+            if !bearer {
+                state.sign_in_limit.failed(client);
+            }
+        }
         if !bearer && !cookie {
             // A browser goes to the login form; anything else gets a 401.
             let wants_html = request
@@ -109,6 +170,13 @@ async fn require_token(State(state): State<SharedState>, request: Request, next:
 }
 
 const SESSION_COOKIE: &str = "herald_admin";
+
+fn client_ip(request: &Request) -> Option<std::net::IpAddr> {
+    request
+        .extensions()
+        .get::<guard::Client>()
+        .and_then(|c| c.ip)
+}
 
 /// What the session cookie holds: a MAC of a fixed label under the token,
 /// so the token itself never sits in the browser, and changing the token
@@ -139,7 +207,7 @@ async fn login_page(State(state): State<SharedState>) -> Response {
             head { meta charset="utf-8"; title { "Herald admin: sign in" } }
             body style="font-family: system-ui, sans-serif; max-width: 24rem; margin: 4rem auto;" {
                 h1 { "Herald admin" }
-                @if state.config.admin.token.is_none() {
+                @if state.config.admin.active_token().is_none() {
                     p { "No token is configured: the dashboard is open on this address. " a href="/" { "Go to the dashboard" } }
                 } @else {
                     form method="post" action="/login" {
@@ -161,20 +229,37 @@ struct LoginForm {
     token: String,
 }
 
+/// Past `admin.login_max_failures` wrong tokens from one address, even the
+/// right one is refused until the window lets an attempt through: a
+/// guesser must not learn that a guess was right.
 async fn login(
     State(state): State<SharedState>,
+    client: Option<axum::Extension<guard::Client>>,
     axum::Form(form): axum::Form<LoginForm>,
 ) -> Response {
-    let Some(token) = &state.config.admin.token else {
+    let Some(token) = state.config.admin.active_token() else {
         return axum::response::Redirect::to("/").into_response();
     };
+    let client = client.map(|c| c.0);
+    let ip = client.and_then(|c| c.ip);
+    if let Some(wait) = state.sign_in_limit.retry_after(ip) {
+        return guard::too_many(wait);
+    }
     if !constant_time_eq(form.token.as_bytes(), token.as_bytes()) {
+        state.sign_in_limit.failed(ip);
         return (StatusCode::UNAUTHORIZED, "wrong token").into_response();
     }
     // SameSite=Strict: the browser never sends it on a cross-site request,
-    // on top of the dashboard's own CSRF tokens.
+    // on top of the dashboard's own CSRF tokens. Secure when a trusted
+    // proxy says the browser spoke HTTPS to it: the cookie then never
+    // travels in clear.
+    let secure = if client.is_some_and(|c| c.https) {
+        "; Secure"
+    } else {
+        ""
+    };
     let cookie = format!(
-        "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age=43200",
+        "{SESSION_COOKIE}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age=43200{secure}",
         session_value(token)
     );
     (
@@ -205,7 +290,7 @@ pub fn check_bind(config: &Config) -> Result<SocketAddr> {
 
 /// Refuse to serve on `addr` when it is not loopback and no token is set.
 pub fn check_addr(config: &Config, addr: SocketAddr) -> Result<()> {
-    if !addr.ip().is_loopback() && config.admin.token.as_deref().unwrap_or("").is_empty() {
+    if !addr.ip().is_loopback() && config.admin.active_token().is_none() {
         return Err(Error::Config(format!(
             "admin.bind {addr} is not a loopback address: set admin.token (HERALD_ADMIN_TOKEN) \
              so the dashboard and its actions are not open to the network"
@@ -238,7 +323,7 @@ pub async fn serve_on(
     let state = Arc::new(state);
     dashboard::start_sampler(&state, shutdown.clone());
     tracing::info!(%addr, read_only = state.read_only, "admin server listening");
-    axum::serve(listener, router(state))
+    axum::serve(listener, app(state))
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
         .map_err(|e| Error::Other(format!("admin server on {addr}: {e}")))

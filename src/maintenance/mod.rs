@@ -60,8 +60,8 @@ pub const SERVICES_APPLICATION_NAME: &str = "herald-maintenance-services";
 pub const LEADER_GAUGE: &str = crate::telemetry::names::metric::MAINTENANCE_LEADER;
 
 /// Connections the leader's services share, opened on demand; a follower
-/// opens none.
-const POOL_SIZE: usize = 4;
+/// opens none (counted by `crate::budget`).
+pub const POOL_SIZE: usize = 4;
 /// Longest the leader waits for its session to answer its check.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Least idle time after which the server ends a silent candidate's

@@ -99,6 +99,13 @@ pub struct Worker {
     setup_error: Option<Error>,
 }
 
+/// Size of the worker's own pool: one connection per producer (claims, one
+/// per queue), one each for the completer and the heartbeat; opened on
+/// demand, never seen by handlers (counted by `crate::budget`).
+pub fn own_pool_size(worker: &crate::config::WorkerConfig) -> usize {
+    worker.queues.len() + 2
+}
+
 impl Worker {
     /// A worker for the queues and concurrency of `config.worker`.
     pub fn new(config: &Config, pool: Pool, registry: Registry) -> Worker {
@@ -114,10 +121,8 @@ impl Worker {
             &uuid::Uuid::now_v7().simple().to_string()[24..]
         );
         let queues = config.worker.queue_concurrency();
-        // One connection per producer (claims), one each for the completer
-        // and the heartbeat; opened on demand.
         let mut own = config.clone();
-        own.postgres.pool_size = queues.len() + 2;
+        own.postgres.pool_size = own_pool_size(&config.worker);
         let (internal, setup_error) = match crate::db::pool(&own, "herald-worker") {
             Ok(p) => (p, None),
             Err(e) => (pool.clone(), Some(e)),

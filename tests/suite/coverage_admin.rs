@@ -46,7 +46,7 @@ impl Server {
         let shutdown = CancellationToken::new();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let app = herald::admin::router(state.clone());
+        let app = herald::admin::app(state.clone());
         let token = shutdown.clone();
         tokio::spawn(async move {
             axum::serve(listener, app)

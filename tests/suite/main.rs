@@ -6,7 +6,10 @@
 mod common;
 
 mod admin;
+mod admin_guard;
+mod budget;
 mod cache;
+mod compose;
 mod coverage_admin;
 mod coverage_cli;
 mod coverage_events;
