@@ -1,0 +1,255 @@
+//! Herald behind PgBouncer (a private one per test, see
+//! `common::pgbouncer`): producers through transaction pooling, many
+//! clients sharing a few server connections; the relay and the worker
+//! through session pooling, notifications included; and a relay or worker
+//! pointed at transaction pooling, which must refuse to start.
+
+use std::collections::{BTreeMap, HashSet};
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::common::pgbouncer::{PgBouncer, POOL_SIZE, SESSION, TRANSACTION};
+use crate::common::{self, TestDb, WorkerTask};
+use futures_util::FutureExt;
+use herald::{Event, Task};
+use serde_json::json;
+
+/// Producer tasks; each is its own client of PgBouncer.
+const PRODUCERS: usize = 24;
+fn n_producers() -> usize {
+    std::env::var("BP")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(PRODUCERS)
+}
+/// Rounds per producer; each round writes through every producer API.
+const ROUNDS: usize = 6;
+
+/// What one round of one producer writes, by API.
+#[derive(Default)]
+struct Expected {
+    events: usize,
+    tasks: usize,
+}
+
+/// A session-pooled alias needs a server connection per Herald session
+/// (pools, LISTEN, wake locks): the tests give it room.
+fn session_room(config: &mut herald::Config) {
+    config.postgres.pool_size = 4;
+}
+
+/// One round of writes by producer `p` through `client` (a PgBouncer
+/// client of the transaction alias), every write marked `{p, r, n}`; the
+/// error of each API that failed, by name.
+async fn one_round(
+    client: &mut tokio_postgres::Client,
+    publisher: &herald::events::Publisher,
+    p: usize,
+    r: usize,
+    errors: &Mutex<BTreeMap<&'static str, String>>,
+    expected: &Mutex<Expected>,
+) {
+    let mark = |n: usize| json!({"p": p, "r": r, "n": n});
+    let fail = |api: &'static str, e: String| {
+        errors.lock().unwrap().entry(api).or_insert(e);
+    };
+    let event = |n: usize| Event::new("bouncer.test", &mark(n)).unwrap();
+    let task = |n: usize| Task::new("bouncer.test", &mark(n)).unwrap();
+    let (mut events, mut tasks) = (0, 0);
+
+    match herald::publish(&*client, &event(0)).await {
+        Ok(_) => events += 1,
+        Err(e) => fail("herald::publish", e.to_string()),
+    }
+    let in_tx = async {
+        let tx = client.transaction().await.map_err(|e| e.to_string())?;
+        herald::publish(&tx, &event(1))
+            .await
+            .map_err(|e| e.to_string())?;
+        herald::enqueue(&tx, &task(1))
+            .await
+            .map_err(|e| e.to_string())?;
+        tx.commit().await.map_err(|e| e.to_string())
+    };
+    match in_tx.await {
+        Ok(()) => (events, tasks) = (events + 1, tasks + 1),
+        Err(e) => fail("publish + enqueue in a transaction", e),
+    }
+    let batch: Vec<Event> = (2..7).map(event).collect();
+    match herald::publish_batch(&*client, &batch).await {
+        Ok(_) => events += batch.len(),
+        Err(e) => fail("herald::publish_batch", e.to_string()),
+    }
+    match publisher.publish(&*client, &event(7)).await {
+        Ok(_) => events += 1,
+        Err(e) => fail("Publisher::publish", e.to_string()),
+    }
+    match herald::enqueue(&*client, &task(8)).await {
+        Ok(_) => tasks += 1,
+        Err(e) => fail("herald::enqueue", e.to_string()),
+    }
+    let small: Vec<Task> = (9..12).map(task).collect();
+    match herald::enqueue_batch(&*client, &small).await {
+        Ok(_) => tasks += small.len(),
+        Err(e) => fail("herald::enqueue_batch (small)", e.to_string()),
+    }
+    // 64 plain tasks take the COPY path.
+    let large: Vec<Task> = (100..164).map(task).collect();
+    match herald::enqueue_batch(&*client, &large).await {
+        Ok(_) => tasks += large.len(),
+        Err(e) => fail("herald::enqueue_batch (COPY)", e.to_string()),
+    }
+    // A unique key held already: its holder's id is looked up.
+    let key = format!("held-{p}-{r}");
+    let holder = herald::enqueue(&*client, &task(12).unique_key(key.clone())).await;
+    let again = herald::enqueue_batch(&*client, &[task(13).unique_key(key)]).await;
+    match (holder, again) {
+        (Ok(id), Ok(ids)) if ids == [id] => tasks += 1,
+        (Ok(id), Ok(ids)) => fail("unique key held", format!("{id} then {ids:?}")),
+        (Err(e), _) | (_, Err(e)) => fail("herald::enqueue_batch (unique key held)", e.to_string()),
+    }
+    // SQL, as any driver sends it: the simple protocol and an unnamed
+    // statement of the extended one.
+    let sql = format!(
+        "SELECT herald.publish('bouncer.test', '{}'::jsonb); \
+         SELECT herald.enqueue('bouncer.test', '{}'::jsonb)",
+        mark(14),
+        mark(15)
+    );
+    match client.batch_execute(&sql).await {
+        Ok(()) => (events, tasks) = (events + 1, tasks + 1),
+        Err(e) => fail("SQL (simple protocol)", e.to_string()),
+    }
+    let typed = async {
+        use tokio_postgres::types::Type;
+        let e = mark(16).to_string();
+        let t = mark(17).to_string();
+        client
+            .query_typed(
+                "SELECT herald.publish('bouncer.test', $1::text::jsonb)",
+                &[(&e, Type::TEXT)],
+            )
+            .await?;
+        client
+            .query_typed(
+                "SELECT herald.enqueue('bouncer.test', $1::text::jsonb)",
+                &[(&t, Type::TEXT)],
+            )
+            .await
+    };
+    match typed.await {
+        Ok(_) => (events, tasks) = (events + 1, tasks + 1),
+        Err(e) => fail("SQL (unnamed statements)", e.to_string()),
+    }
+    let mut expected = expected.lock().unwrap();
+    expected.events += events;
+    expected.tasks += tasks;
+}
+
+/// Every producer API through transaction pooling, `PRODUCERS` clients
+/// over `POOL_SIZE` server connections: every write is stored once, every
+/// event is relayed once and every task runs once (relay and worker
+/// through session pooling).
+#[tokio::test(flavor = "multi_thread")]
+async fn producers_through_transaction_pooling_store_every_write_once() {
+    let db = TestDb::with(session_room).await;
+    let bouncer = PgBouncer::start(&db.name);
+    let tx_config = bouncer.config(&db.config, TRANSACTION);
+    let session_config = bouncer.config(&db.config, SESSION);
+    let mut collector = db.collector().await;
+    let relay = common::RelayTask::start(&session_config);
+    let ran = Arc::new(Mutex::new(Vec::<serde_json::Value>::new()));
+    let mut registry = herald::Registry::new();
+    let seen = ran.clone();
+    registry.register("bouncer.test", move |_ctx, p: serde_json::Value| {
+        let seen = seen.clone();
+        async move {
+            seen.lock().unwrap().push(p);
+            Ok(())
+        }
+    });
+    let worker = WorkerTask::start(&session_config, registry);
+
+    let errors = Arc::new(Mutex::new(BTreeMap::new()));
+    let expected = Arc::new(Mutex::new(Expected::default()));
+    let publisher = herald::events::Publisher::new(&tx_config, None).unwrap();
+    let pool = herald::db::pool(&tx_config, "herald-test").unwrap();
+    let started = Instant::now();
+    let mut producers = tokio::task::JoinSet::new();
+    for p in 0..n_producers() {
+        let (config, publisher) = (tx_config.clone(), publisher.clone());
+        let (errors, expected) = (errors.clone(), expected.clone());
+        let pool = pool.clone();
+        producers.spawn(async move {
+            // Half the producers hold a connection of their own, half take
+            // one from a shared pool for each round.
+            let mut own = match p % 2 {
+                0 => Some(herald::db::connect(&config, "herald-test").await.unwrap()),
+                _ => None,
+            };
+            for r in 0..ROUNDS {
+                let mut pooled = match own {
+                    Some(_) => None,
+                    None => Some(pool.get().await.unwrap()),
+                };
+                let client: &mut tokio_postgres::Client = match (&mut own, &mut pooled) {
+                    (Some(own), _) => own,
+                    (None, Some(pooled)) => pooled,
+                    (None, None) => unreachable!(),
+                };
+                let round = one_round(client, &publisher, p, r, &errors, &expected);
+                // A statement run in place of another one can panic when
+                // its rows are read: record it like an error.
+                if let Err(panic) = AssertUnwindSafe(round).catch_unwind().await {
+                    let message = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    errors.lock().unwrap().entry("panic").or_insert(message);
+                    return;
+                }
+            }
+        });
+    }
+    while let Some(done) = producers.join_next().await {
+        done.unwrap();
+    }
+    let produced_in = started.elapsed();
+    let errors = errors.lock().unwrap().clone();
+    assert!(
+        errors.is_empty(),
+        "producer APIs failed through transaction pooling:\n{errors:#?}"
+    );
+    let Expected { events, tasks } = std::mem::take(&mut *expected.lock().unwrap());
+    eprintln!(
+        "{PRODUCERS} producers x {ROUNDS} rounds: {events} events and {tasks} tasks in {produced_in:?}"
+    );
+
+    assert!(
+        collector.distinct(events, Duration::from_secs(30)).await,
+        "every event is relayed: {} of {events}",
+        collector.distinct_ids()
+    );
+    common::wait_for("every task to run", Duration::from_secs(30), async || {
+        ran.lock().unwrap().len() >= tasks
+    })
+    .await;
+    collector.drain_for(Duration::from_millis(300)).await;
+    let marks: HashSet<String> = collector
+        .events
+        .iter()
+        .map(|e| e.payload.to_string())
+        .collect();
+    assert_eq!(collector.events.len(), events, "no event relayed twice");
+    assert_eq!(marks.len(), events, "every event stored once");
+    let ran = ran.lock().unwrap().clone();
+    let ran_marks: HashSet<String> = ran.iter().map(|p| p.to_string()).collect();
+    assert_eq!(ran.len(), tasks, "no task ran twice");
+    assert_eq!(ran_marks.len(), tasks, "every task stored once");
+    relay.stop().await;
+    worker.stop().await;
+    assert_eq!(db.count("SELECT count(*) FROM herald.outbox").await, 0);
+    assert!(POOL_SIZE < PRODUCERS);
+}
