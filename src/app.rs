@@ -135,6 +135,11 @@ impl HeraldBuilder {
             crate::admin::check_bind(&config)?;
             crate::telemetry::init_metrics();
         }
+        if self.relay || self.scheduler || self.workers.is_some() {
+            // Before any statement: behind transaction pooling, the
+            // services' statements could run on other clients' sessions.
+            crate::notifier::check(&config, crate::notifier::APPLICATION_NAME).await?;
+        }
         if config.migrate_on_start {
             crate::migrate::migrate(&config)
                 .await

@@ -253,3 +253,156 @@ async fn producers_through_transaction_pooling_store_every_write_once() {
     assert_eq!(db.count("SELECT count(*) FROM herald.outbox").await, 0);
     assert!(POOL_SIZE < PRODUCERS);
 }
+
+const NEVER: Duration = Duration::from_secs(3600);
+const PROMPT: Duration = Duration::from_secs(2);
+
+/// The relay and the worker through session pooling, their safety sweeps an
+/// hour away: events and tasks written through transaction pooling after
+/// they went to sleep are picked up promptly, so the NOTIFY of each commit
+/// reached their LISTEN session; nothing is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn relay_and_worker_through_session_pooling_are_woken_by_notifications() {
+    let db = TestDb::with(|c| {
+        session_room(c);
+        c.relay.poll_interval = NEVER;
+        c.worker.poll_interval = NEVER;
+    })
+    .await;
+    let bouncer = PgBouncer::start(&db.name);
+    let session_config = bouncer.config(&db.config, SESSION);
+    let producer = herald::db::connect(&bouncer.config(&db.config, TRANSACTION), "herald-test")
+        .await
+        .unwrap();
+    let mut collector = db.collector().await;
+    let relay = common::RelayTask::start(&session_config);
+    let ran = Arc::new(Mutex::new(HashSet::new()));
+    let mut registry = herald::Registry::new();
+    let seen = ran.clone();
+    registry.register("bouncer.wake", move |_ctx, p: serde_json::Value| {
+        let seen = seen.clone();
+        async move {
+            seen.lock().unwrap().insert(p["seq"].as_i64().unwrap_or(-1));
+            Ok(())
+        }
+    });
+    let worker = WorkerTask::start(&session_config, registry);
+    let asleep = || {
+        relay.stats.asleep.load(std::sync::atomic::Ordering::Relaxed)
+            && worker.stats.asleep.load(std::sync::atomic::Ordering::Relaxed)
+    };
+    const ROUNDS: i64 = 20;
+    let (mut event_waits, mut task_waits) = (Vec::new(), Vec::new());
+    for seq in 0..ROUNDS {
+        assert!(
+            common::until(PROMPT, asleep).await,
+            "round {seq}: the relay and the worker go to sleep"
+        );
+        let started = Instant::now();
+        herald::publish(
+            &producer,
+            &Event::new("bouncer.wake", &json!({"seq": seq})).unwrap(),
+        )
+        .await
+        .unwrap();
+        herald::enqueue(
+            &producer,
+            &Task::new("bouncer.wake", &json!({"seq": seq})).unwrap(),
+        )
+        .await
+        .unwrap();
+        assert!(
+            collector.distinct(seq as usize + 1, PROMPT).await,
+            "round {seq}: the event arrives within {PROMPT:?}"
+        );
+        event_waits.push(started.elapsed());
+        let ran = ran.clone();
+        common::wait_for("the task to run", PROMPT, async || {
+            ran.lock().unwrap().contains(&seq)
+        })
+        .await;
+        task_waits.push(started.elapsed());
+    }
+    event_waits.sort();
+    task_waits.sort();
+    eprintln!(
+        "through session pooling, from the producer's call: event median {:?} max {:?}; task median {:?} max {:?}",
+        event_waits[event_waits.len() / 2],
+        event_waits.last().unwrap(),
+        task_waits[task_waits.len() / 2],
+        task_waits.last().unwrap()
+    );
+    relay.stop().await;
+    worker.stop().await;
+    assert_eq!(collector.distinct_ids(), ROUNDS as usize);
+    assert_eq!(db.count("SELECT count(*) FROM herald.outbox").await, 0);
+    assert_eq!(ran.lock().unwrap().len(), ROUNDS as usize);
+}
+
+/// The message a relay or worker pointed at transaction pooling fails with.
+fn assert_names_the_fix(message: &str) {
+    for part in [
+        "database_url (DATABASE_URL)",
+        "notifications do not reach this session",
+        "transaction",
+        "session pooling",
+    ] {
+        assert!(message.contains(part), "{part:?} in: {message}");
+    }
+}
+
+/// A relay (in-process and `herald relay`), a worker (`herald worker`) and
+/// `herald run` pointed at transaction pooling refuse to start, naming
+/// `database_url` and what to do; the events already written stay in the
+/// outbox.
+#[tokio::test(flavor = "multi_thread")]
+async fn relay_and_worker_refuse_transaction_pooling() {
+    let db = TestDb::with(|c| c.postgres.connect_timeout = Duration::from_secs(1)).await;
+    let bouncer = PgBouncer::start(&db.name);
+    let tx_config = bouncer.config(&db.config, TRANSACTION);
+    common::insert_events(&db.config, 4, 5).await;
+
+    let started = Instant::now();
+    let relay = herald::Relay::new(
+        &tx_config,
+        herald::db::pool(&tx_config, "herald-relay").unwrap(),
+        herald::pubsub::redis_pool(&tx_config).unwrap(),
+    );
+    let stop = tokio_util::sync::CancellationToken::new();
+    let outcome = tokio::time::timeout(Duration::from_secs(20), relay.run(stop.clone()))
+        .await
+        .expect("the relay stops by itself");
+    let error = outcome.expect_err("the relay refuses to start").to_string();
+    eprintln!("in-process relay failed after {:?}", started.elapsed());
+    assert_names_the_fix(&error);
+
+    for args in [&["relay"][..], &["worker"], &["run"]] {
+        let mut cmd = common::herald_command(
+            &tx_config,
+            args,
+            &[
+                ("HERALD_POSTGRES_CONNECT_TIMEOUT", "1s"),
+                ("HERALD_ADMIN_ENABLED", "false"),
+            ],
+        );
+        let started = Instant::now();
+        let out = tokio::time::timeout(
+            Duration::from_secs(30),
+            cmd.stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .output(),
+        )
+        .await
+        .expect("herald exits by itself")
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "herald {args:?} fails: {stderr}");
+        eprintln!("herald {args:?} failed after {:?}", started.elapsed());
+        assert_names_the_fix(&stderr);
+    }
+    assert_eq!(
+        db.count("SELECT count(*) FROM herald.outbox").await,
+        20,
+        "every event is still in the outbox"
+    );
+}
