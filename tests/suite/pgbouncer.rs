@@ -406,3 +406,98 @@ async fn relay_and_worker_refuse_transaction_pooling() {
         "every event is still in the outbox"
     );
 }
+
+/// PgBouncer ignores Herald's startup `options` (`-c TimeZone=UTC`): on a
+/// database whose sessions start in another time zone, Herald's connections
+/// still run in UTC through both pool modes, however server connections are
+/// shared, and the relay renders `created_at` in UTC.
+#[tokio::test(flavor = "multi_thread")]
+async fn connections_run_in_utc_through_pgbouncer() {
+    use futures_util::StreamExt;
+    let db = TestDb::with(session_room).await;
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET TimeZone = 'America/New_York'",
+            db.name
+        ))
+        .await
+        .unwrap();
+    let bouncer = PgBouncer::start(&db.name);
+    let tx_config = bouncer.config(&db.config, TRANSACTION);
+    let session_config = bouncer.config(&db.config, SESSION);
+    let zone = async |client: &tokio_postgres::Client| -> String {
+        let rows = client.simple_query("SHOW TimeZone").await.unwrap();
+        rows.iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+                _ => None,
+            })
+            .unwrap()
+    };
+    // Without Herald's SET, a session starts in the database's zone.
+    let (plain, connection) = tokio_postgres::connect(&bouncer.url(TRANSACTION), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    assert_eq!(zone(&plain).await, "America/New_York");
+
+    for config in [&tx_config, &session_config] {
+        let pool = herald::db::pool(config, "herald-test").unwrap();
+        let mut clients = tokio::task::JoinSet::new();
+        for n in 0..12 {
+            let (pool, config) = (pool.clone(), config.clone());
+            clients.spawn(async move {
+                let mut zones = Vec::new();
+                let own = herald::db::connect(&config, "herald-test").await.unwrap();
+                for _ in 0..10 {
+                    let client = pool.get().await.unwrap();
+                    zones.push(zone(&client).await);
+                    zones.push(zone(&own).await);
+                    // Other clients' sessions start in New York.
+                    if n % 3 == 0 {
+                        let (plain, connection) = tokio_postgres::connect(
+                            &config.database_url,
+                            tokio_postgres::NoTls,
+                        )
+                        .await
+                        .unwrap();
+                        tokio::spawn(connection);
+                        let _ = zone(&plain).await;
+                    }
+                }
+                zones
+            });
+        }
+        while let Some(zones) = clients.join_next().await {
+            for z in zones.unwrap() {
+                assert_eq!(z, "UTC", "through {}", config.database_url);
+            }
+        }
+    }
+
+    // The envelope as the relay (through session pooling) publishes it.
+    let client = redis::Client::open(db.config.redis_url.as_str()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub
+        .psubscribe(format!("{}*", db.config.channel_prefix))
+        .await
+        .unwrap();
+    let relay = common::RelayTask::start(&session_config);
+    let producer = herald::db::connect(&tx_config, "herald-test").await.unwrap();
+    herald::publish(&producer, &Event::new("bouncer.zone", &json!({})).unwrap())
+        .await
+        .unwrap();
+    let message = tokio::time::timeout(Duration::from_secs(10), pubsub.on_message().next())
+        .await
+        .expect("the event arrives")
+        .unwrap();
+    let envelope: serde_json::Value =
+        serde_json::from_str(&message.get_payload::<String>().unwrap()).unwrap();
+    let created_at = envelope["created_at"].as_str().unwrap().to_string();
+    assert!(
+        created_at.ends_with("+00:00") || created_at.ends_with('Z'),
+        "created_at in UTC: {created_at}"
+    );
+    relay.stop().await;
+}
