@@ -135,9 +135,14 @@ impl HeraldBuilder {
             crate::admin::check_bind(&config)?;
             crate::telemetry::init_metrics();
         }
-        if self.relay || self.scheduler || self.workers.is_some() {
-            // Before any statement: behind transaction pooling, the
-            // services' statements could run on other clients' sessions.
+        let any = self.relay || self.scheduler || self.workers.is_some();
+        #[cfg(feature = "admin")]
+        let any = any || self.admin;
+        if any {
+            // Before any statement: behind transaction pooling, LISTEN, the
+            // wake locks and the maintenance leader's lock (every process
+            // campaigns) would hold nothing, and named statements could run
+            // on other clients' sessions.
             crate::notifier::check(&config, crate::notifier::APPLICATION_NAME).await?;
         }
         if config.migrate_on_start {

@@ -79,11 +79,7 @@ pub fn pool(config: &Config, application_name: &str) -> Result<Pool> {
         .wait_timeout(Some(config.postgres.connect_timeout * 2))
         .create_timeout(Some(config.postgres.connect_timeout))
         .post_create(Hook::async_fn(|client, _| {
-            Box::pin(async move {
-                session_settings(client)
-                    .await
-                    .map_err(HookError::Backend)
-            })
+            Box::pin(async move { session_settings(client).await.map_err(HookError::Backend) })
         }))
         .build()
         .map_err(|e| Error::Other(format!("building the Postgres pool: {e}")))

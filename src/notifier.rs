@@ -461,9 +461,10 @@ fn unheard_error(reason: String) -> Error {
         error: Box::new(Error::Config(format!(
             "database_url (DATABASE_URL): {reason}; notifications do not reach this session, \
              the sign of a pooler that hands out server connections per transaction or \
-             statement (PgBouncer pool_mode = transaction or statement). The relay, the \
-             workers and the scheduler need sessions of their own (LISTEN, advisory locks): \
-             point their database_url at session pooling or at Postgres directly \
+             statement (PgBouncer pool_mode = transaction or statement). Herald's services \
+             need sessions of their own (LISTEN, the advisory locks of wake-ups and of the \
+             maintenance leader, prepared statements): point their database_url at session \
+             pooling or at Postgres directly \
              (producers may stay on transaction pooling), or set postgres.listen_check = \
              \"warn\" (HERALD_POSTGRES_LISTEN_CHECK=warn) to start anyway and wake only at \
              the poll intervals"

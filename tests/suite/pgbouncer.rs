@@ -109,6 +109,17 @@ async fn one_round(
         (Ok(id), Ok(ids)) => fail("unique key held", format!("{id} then {ids:?}")),
         (Err(e), _) | (_, Err(e)) => fail("herald::enqueue_batch (unique key held)", e.to_string()),
     }
+    // Cancelling a task that waits (it never runs).
+    let later = task(18).delay(Duration::from_secs(3600));
+    let cancelled = async {
+        let id = herald::enqueue(&*client, &later).await?;
+        herald::queue::cancel(&*client, id).await
+    };
+    match cancelled.await {
+        Ok(Some(outcome)) if outcome == "cancelled" => {}
+        Ok(outcome) => fail("herald::queue::cancel", format!("{outcome:?}")),
+        Err(e) => fail("herald::queue::cancel", e.to_string()),
+    }
     // SQL, as any driver sends it: the simple protocol and an unnamed
     // statement of the extended one.
     let sql = format!(
@@ -288,8 +299,14 @@ async fn relay_and_worker_through_session_pooling_are_woken_by_notifications() {
     });
     let worker = WorkerTask::start(&session_config, registry);
     let asleep = || {
-        relay.stats.asleep.load(std::sync::atomic::Ordering::Relaxed)
-            && worker.stats.asleep.load(std::sync::atomic::Ordering::Relaxed)
+        relay
+            .stats
+            .asleep
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && worker
+                .stats
+                .asleep
+                .load(std::sync::atomic::Ordering::Relaxed)
     };
     const ROUNDS: i64 = 20;
     let (mut event_waits, mut task_waits) = (Vec::new(), Vec::new());
@@ -405,6 +422,43 @@ async fn relay_and_worker_refuse_transaction_pooling() {
         20,
         "every event is still in the outbox"
     );
+
+    // postgres.listen_check = "warn": it starts anyway.
+    let child = common::HeraldProcess::spawn(
+        &tx_config,
+        &[
+            ("HERALD_POSTGRES_CONNECT_TIMEOUT", "1s"),
+            ("HERALD_POSTGRES_LISTEN_CHECK", "warn"),
+            ("HERALD_RELAY_POLL_INTERVAL", "1h"),
+        ],
+    );
+    let mut child = child;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        child.child.try_wait().unwrap().is_none(),
+        "with listen_check = warn the relay keeps running"
+    );
+    child.kill9().await;
+}
+
+/// A PgBouncer that was not told to ignore `options` refuses Herald's
+/// connections: the error says what to add to pgbouncer.ini.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_options_parameter_names_the_pgbouncer_setting() {
+    let db = TestDb::new().await;
+    let bouncer = PgBouncer::start_with(&db.name, |ini| {
+        ini.replace("ignore_startup_parameters = options\n", "")
+    });
+    for alias in [SESSION, TRANSACTION] {
+        let config = bouncer.config(&db.config, alias);
+        for args in [&["migrate"][..], &["relay"]] {
+            let stderr = common::herald_fails(&config, args).await;
+            assert!(
+                stderr.contains("ignore_startup_parameters = options"),
+                "herald {args:?} through {alias}: {stderr}"
+            );
+        }
+    }
 }
 
 /// PgBouncer ignores Herald's startup `options` (`-c TimeZone=UTC`): on a
@@ -436,9 +490,10 @@ async fn connections_run_in_utc_through_pgbouncer() {
             .unwrap()
     };
     // Without Herald's SET, a session starts in the database's zone.
-    let (plain, connection) = tokio_postgres::connect(&bouncer.url(TRANSACTION), tokio_postgres::NoTls)
-        .await
-        .unwrap();
+    let (plain, connection) =
+        tokio_postgres::connect(&bouncer.url(TRANSACTION), tokio_postgres::NoTls)
+            .await
+            .unwrap();
     tokio::spawn(connection);
     assert_eq!(zone(&plain).await, "America/New_York");
 
@@ -456,12 +511,10 @@ async fn connections_run_in_utc_through_pgbouncer() {
                     zones.push(zone(&own).await);
                     // Other clients' sessions start in New York.
                     if n % 3 == 0 {
-                        let (plain, connection) = tokio_postgres::connect(
-                            &config.database_url,
-                            tokio_postgres::NoTls,
-                        )
-                        .await
-                        .unwrap();
+                        let (plain, connection) =
+                            tokio_postgres::connect(&config.database_url, tokio_postgres::NoTls)
+                                .await
+                                .unwrap();
                         tokio::spawn(connection);
                         let _ = zone(&plain).await;
                     }
@@ -484,7 +537,9 @@ async fn connections_run_in_utc_through_pgbouncer() {
         .await
         .unwrap();
     let relay = common::RelayTask::start(&session_config);
-    let producer = herald::db::connect(&tx_config, "herald-test").await.unwrap();
+    let producer = herald::db::connect(&tx_config, "herald-test")
+        .await
+        .unwrap();
     herald::publish(&producer, &Event::new("bouncer.zone", &json!({})).unwrap())
         .await
         .unwrap();

@@ -54,6 +54,11 @@ impl PgBouncer {
     /// PgBouncer on a free loopback port in front of `database` on the
     /// Postgres of the tests; returns once it accepts connections.
     pub fn start(database: &str) -> PgBouncer {
+        PgBouncer::start_with(database, |ini| ini)
+    }
+
+    /// [`start`](Self::start) with `edit` applied to the ini text.
+    pub fn start_with(database: &str, edit: impl FnOnce(String) -> String) -> PgBouncer {
         let admin = url::Url::parse(&super::admin_url()).expect("HERALD_TEST_DATABASE_URL");
         let server_port = admin.port().unwrap_or(5432);
         let user = admin.username().to_string();
@@ -67,7 +72,7 @@ impl PgBouncer {
         std::fs::write(dir.join("users.txt"), format!("\"{user}\" \"\"\n")).expect("users.txt");
         std::fs::write(
             dir.join("pgbouncer.ini"),
-            ini(port, &dir, database, server_port),
+            edit(ini(port, &dir, database, server_port)),
         )
         .expect("pgbouncer.ini");
         let root = unsafe { libc::geteuid() } == 0;
