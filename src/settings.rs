@@ -104,7 +104,9 @@ mod tests {
             let c = Config::load(None).map_err(|e| e.to_string())?;
             assert_eq!(c.postgres.listen_check, crate::config::ListenCheck::Warn);
             jail.set_env("HERALD_POSTGRES_LISTEN_CHECK", "off");
-            let error = Config::load(None).expect_err("not a listen_check").to_string();
+            let error = Config::load(None)
+                .expect_err("not a listen_check")
+                .to_string();
             assert!(error.to_lowercase().contains("listen_check"), "{error}");
             Ok(())
         });

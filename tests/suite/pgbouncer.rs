@@ -368,8 +368,9 @@ fn assert_names_the_fix(message: &str) {
     }
 }
 
-/// A relay (in-process and `herald relay`), a worker (`herald worker`) and
-/// `herald run` pointed at transaction pooling refuse to start, naming
+/// A relay (in-process and `herald relay`), `herald worker`, `herald
+/// scheduler`, `herald admin` and `herald run` pointed at transaction
+/// pooling refuse to start, naming
 /// `database_url` and what to do; the events already written stay in the
 /// outbox.
 #[tokio::test(flavor = "multi_thread")]
@@ -393,13 +394,20 @@ async fn relay_and_worker_refuse_transaction_pooling() {
     eprintln!("in-process relay failed after {:?}", started.elapsed());
     assert_names_the_fix(&error);
 
-    for args in [&["relay"][..], &["worker"], &["run"]] {
+    let bind = format!("127.0.0.1:{}", common::free_port());
+    for args in [
+        &["relay"][..],
+        &["worker"],
+        &["scheduler"],
+        &["admin"],
+        &["run"],
+    ] {
         let mut cmd = common::herald_command(
             &tx_config,
             args,
             &[
                 ("HERALD_POSTGRES_CONNECT_TIMEOUT", "1s"),
-                ("HERALD_ADMIN_ENABLED", "false"),
+                ("HERALD_ADMIN_BIND", &bind),
             ],
         );
         let started = Instant::now();
