@@ -20,8 +20,9 @@
 //!
 //! It must never take a decision: a notification is only a wake-up, and
 //! every decision is read from the tables. It must never run anything but
-//! LISTEN on its session (Postgres delivers notifications only to an idle
-//! session; a wake lock lives on a session of its own, see `crate::wake`).
+//! LISTEN (and the check's UNLISTEN) on its session (Postgres delivers
+//! notifications only to an idle session; a wake lock lives on a session of
+//! its own, see `crate::wake`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -385,16 +386,16 @@ impl Notifier {
         let wait = config.postgres.connect_timeout;
         let heard = tokio::time::timeout(wait, heard_rx).await.is_ok();
         self.check_slot().take();
+        client
+            .batch_execute(&format!("UNLISTEN {channel}"))
+            .await
+            .context("UNLISTEN after the start-up check")?;
         if !heard {
             return Ok(Err(format!(
                 "a NOTIFY sent from another connection did not reach the LISTEN session \
                  within {wait:?} (postgres.connect_timeout)"
             )));
         }
-        client
-            .batch_execute(&format!("UNLISTEN {channel}"))
-            .await
-            .context("UNLISTEN after the start-up check")?;
         tracing::debug!(took = ?started.elapsed(), "notifications reach the LISTEN session");
         Ok(Ok(()))
     }
