@@ -143,7 +143,7 @@ impl HeraldBuilder {
             // wake locks and the maintenance leader's lock (every process
             // campaigns) would hold nothing, and named statements could run
             // on other clients' sessions.
-            crate::notifier::check(&config, crate::notifier::APPLICATION_NAME).await?;
+            crate::notifier::check(&config).await?;
         }
         if config.migrate_on_start {
             crate::migrate::migrate(&config)

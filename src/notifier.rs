@@ -47,6 +47,10 @@ const CHECK_CHANNEL_PREFIX: &str = "herald_listen_check_";
 /// after itself (e.g. `relay::LISTEN_APPLICATION_NAME`).
 pub const APPLICATION_NAME: &str = "herald-notifier";
 
+/// The application name of the check's sessions other than the notifier's
+/// own: [`check`]'s LISTEN session and every check's NOTIFY connection.
+pub const CHECK_APPLICATION_NAME: &str = "herald-listen-check";
+
 /// What a subscriber hears, in order: `Up`, notifications, `Down`, `Up`, ...
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Signal {
@@ -377,8 +381,7 @@ impl Notifier {
             .await
             .context("LISTEN for the start-up check")?;
         let config = &self.inner.config;
-        let name = format!("{}-check", self.inner.application_name);
-        let other = crate::db::connect(config, &name).await?;
+        let other = crate::db::connect(config, CHECK_APPLICATION_NAME).await?;
         other
             .batch_execute(&format!("NOTIFY {channel}, '{id}'"))
             .await
@@ -439,8 +442,8 @@ impl Notifier {
 /// stops before running a statement. An error only when they do not
 /// (unless `postgres.listen_check = "warn"`): a session that cannot be
 /// opened is left to the statements that follow, which report why.
-pub async fn check(config: &Config, application_name: &str) -> Result<()> {
-    let mut notifier = Notifier::new(config, application_name);
+pub async fn check(config: &Config) -> Result<()> {
+    let mut notifier = Notifier::new(config, CHECK_APPLICATION_NAME);
     if let Some(inner) = Arc::get_mut(&mut notifier.inner) {
         inner.check_only = true;
     }

@@ -81,7 +81,7 @@ impl Scheduler {
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         if self.notifier.is_none() {
             // Before any statement (`Herald::builder` checks for its services).
-            crate::notifier::check(&self.config, super::LISTEN_APPLICATION_NAME).await?;
+            crate::notifier::check(&self.config).await?;
         }
         self.save_declared().await?;
         let (wake_tx, wake) = watch::channel(0u64);

@@ -145,7 +145,7 @@ impl Relay {
         let own = self.notifier.is_none();
         if own {
             // Before any statement (`Herald::builder` checks for its services).
-            crate::notifier::check(&self.config, LISTEN_APPLICATION_NAME).await?;
+            crate::notifier::check(&self.config).await?;
         }
         {
             let client = self.pool.get().await?;

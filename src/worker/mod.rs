@@ -173,7 +173,7 @@ impl Worker {
         self.shared.config.worker.validate()?;
         if self.notifier.is_none() {
             // Before any statement (`Herald::builder` checks for its services).
-            crate::notifier::check(&self.shared.config, LISTEN_APPLICATION_NAME).await?;
+            crate::notifier::check(&self.shared.config).await?;
         }
         {
             let client = self.shared.pool.get().await?;

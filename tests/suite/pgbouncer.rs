@@ -426,22 +426,28 @@ async fn relay_and_worker_refuse_transaction_pooling() {
         "every event is still in the outbox"
     );
 
-    // postgres.listen_check = "warn": it starts anyway.
-    let child = common::HeraldProcess::spawn(
-        &tx_config,
-        &[
-            ("HERALD_POSTGRES_CONNECT_TIMEOUT", "1s"),
-            ("HERALD_POSTGRES_LISTEN_CHECK", "warn"),
-            ("HERALD_RELAY_POLL_INTERVAL", "1h"),
-        ],
+    // postgres.listen_check = "warn": the notifier goes on (its subscribers
+    // hear `Up`) and does not give up.
+    let mut warn = tx_config.clone();
+    warn.postgres.listen_check = herald::config::ListenCheck::Warn;
+    let notifier = herald::notifier::Notifier::new(&warn, "herald-test-listen");
+    let mut subscription = notifier.subscribe(&["bouncer_test"]);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(notifier.clone().run(stop.clone()));
+    let up = tokio::time::timeout(Duration::from_secs(10), subscription.recv()).await;
+    assert_eq!(
+        up.expect("a signal within 10 s"),
+        Some(herald::notifier::Signal::Up)
     );
-    let mut child = child;
-    tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
-        child.child.try_wait().unwrap().is_none(),
-        "with listen_check = warn the relay keeps running"
+        tokio::time::timeout(Duration::from_millis(500), notifier.failed())
+            .await
+            .is_err(),
+        "with listen_check = warn the notifier does not give up"
     );
-    child.kill9().await;
+    assert!(herald::notifier::check(&warn).await.is_ok());
+    stop.cancel();
+    running.await.unwrap().unwrap();
 }
 
 /// A PgBouncer that was not told to ignore `options` refuses Herald's
@@ -558,4 +564,44 @@ async fn connections_run_in_utc_through_pgbouncer() {
         "created_at in UTC: {created_at}"
     );
     relay.stop().await;
+}
+
+/// A bulk enqueue (the COPY path) joins the caller's transaction when there
+/// is one, and commits on its own on a bare client: directly and through
+/// transaction pooling.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bulk_enqueue_joins_the_callers_transaction_or_commits_alone() {
+    let db = TestDb::new().await;
+    let bouncer = PgBouncer::start(&db.name);
+    let tasks: Vec<Task> = (0..64)
+        .map(|n| Task::new("bouncer.copy", &json!({"n": n})).unwrap())
+        .collect();
+    let count = "SELECT count(*) FROM herald.tasks WHERE kind = 'bouncer.copy'";
+    let mut want = 0;
+    for config in [db.config.clone(), bouncer.config(&db.config, TRANSACTION)] {
+        let mut client = herald::db::connect(&config, "herald-test").await.unwrap();
+        let tx = client.transaction().await.unwrap();
+        herald::enqueue_batch(&tx, &tasks).await.unwrap();
+        tx.rollback().await.unwrap();
+        assert_eq!(
+            db.count(count).await,
+            want,
+            "rolled back with the caller's transaction"
+        );
+
+        let tx = client.transaction().await.unwrap();
+        herald::enqueue_batch(&tx, &tasks).await.unwrap();
+        assert_eq!(
+            db.count(count).await,
+            want,
+            "not visible before the caller commits"
+        );
+        tx.commit().await.unwrap();
+        want += 64;
+        assert_eq!(db.count(count).await, want);
+
+        herald::enqueue_batch(&client, &tasks).await.unwrap();
+        want += 64;
+        assert_eq!(db.count(count).await, want, "a bare client's batch commits");
+    }
 }
