@@ -338,18 +338,23 @@ async fn copy_batch<C: GenericClient + Sync>(client: &C, tasks: &[Task]) -> Resu
         .collect();
     // COPY prepares a named statement in one round trip and runs it in the
     // next: behind transaction pooling both must be in one transaction, so
-    // a bare client gets one of its own.
-    // (BEGIN checks again: it would not start a block inside one, and the
-    // caller's must not be committed here.)
+    // a bare client gets one of its own. The check is repeated after BEGIN:
+    // inside a block BEGIN starts nothing, and the caller's transaction must
+    // never be committed here.
     let own = !in_transaction_block(client, "").await?
         && !in_transaction_block(client, "BEGIN; ").await?;
     let copied = tasks::copy_in(client, &rows).await;
     if own {
-        let end = if copied.is_ok() { "COMMIT" } else { "ROLLBACK" };
-        client
-            .batch_execute(end)
-            .await
-            .context("ending the COPY transaction")?;
+        match &copied {
+            Ok(_) => client
+                .batch_execute("COMMIT")
+                .await
+                .context("committing the COPY transaction")?,
+            // The COPY's error is the one to report.
+            Err(_) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+            }
+        }
     }
     let ids = copied?;
     count_enqueued(tasks);
