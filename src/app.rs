@@ -167,6 +167,16 @@ impl HeraldBuilder {
             crate::admin::check_bind(&config)?;
             crate::telemetry::init_metrics();
         }
+        let any = self.relay || self.scheduler || self.workers.is_some();
+        #[cfg(feature = "admin")]
+        let any = any || self.admin;
+        if any {
+            // Before any statement: behind transaction pooling, LISTEN, the
+            // wake locks and the maintenance leader's lock (every process
+            // campaigns) would hold nothing, and named statements could run
+            // on other clients' sessions.
+            crate::notifier::check(&config).await?;
+        }
         if config.migrate_on_start {
             crate::migrate::migrate(&config)
                 .await

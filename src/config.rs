@@ -66,6 +66,23 @@ pub struct PostgresConfig {
     pub pool_size: usize,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// What a LISTEN session that notifications do not reach does (the
+    /// notifier checks each one with a NOTIFY of its own).
+    pub listen_check: ListenCheck,
+}
+
+/// `postgres.listen_check`: what happens when the notifier's check finds
+/// that notifications do not reach its LISTEN session, as behind a pooler
+/// in transaction or statement mode.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenCheck {
+    /// Refuse to start (after a reconnect: log an error, report not ready
+    /// and reconnect).
+    #[default]
+    Fail,
+    /// Log a warning and go on; wake-ups come at the poll intervals only.
+    Warn,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -314,6 +331,7 @@ impl Default for PostgresConfig {
         PostgresConfig {
             pool_size: 8,
             connect_timeout: Duration::from_secs(5),
+            listen_check: ListenCheck::Fail,
         }
     }
 }

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::{Client, NoTls};
 
 use crate::config::{mask_url, Config};
@@ -46,8 +46,21 @@ pub fn pg_config(config: &Config, application_name: &str) -> Result<tokio_postgr
         .keepalives_interval(Duration::from_secs(5))
         .keepalives_retries(3);
     // Envelopes render created_at through Postgres; make it UTC everywhere.
+    // A pooler may drop `options` (PgBouncer refuses it unless told to
+    // ignore it): `SESSION_SETTINGS` sets the time zone again.
     pg.options("-c TimeZone=UTC -c client_min_messages=warning");
     Ok(pg)
+}
+
+/// Run on every new connection: the time zone of `pg_config`'s `options`,
+/// for when a pooler dropped them. PgBouncer tracks a SET of TimeZone and
+/// applies it on whichever server connection serves the client next, in
+/// every pool mode.
+const SESSION_SETTINGS: &str = "SET TimeZone = 'UTC'";
+
+/// Apply [`SESSION_SETTINGS`] to a new connection.
+async fn session_settings(client: &Client) -> std::result::Result<(), tokio_postgres::Error> {
+    client.batch_execute(SESSION_SETTINGS).await
 }
 
 /// The shared, bounded pool (`postgres.pool_size`).
@@ -65,6 +78,9 @@ pub fn pool(config: &Config, application_name: &str) -> Result<Pool> {
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(config.postgres.connect_timeout * 2))
         .create_timeout(Some(config.postgres.connect_timeout))
+        .post_create(Hook::async_fn(|client, _| {
+            Box::pin(async move { session_settings(client).await.map_err(HookError::Backend) })
+        }))
         .build()
         .map_err(|e| Error::Other(format!("building the Postgres pool: {e}")))
 }
@@ -82,6 +98,9 @@ pub async fn connect(config: &Config, application_name: &str) -> Result<Client> 
             tracing::debug!(%error, "postgres connection closed");
         }
     });
+    session_settings(&client)
+        .await
+        .context(format!("setting up {}", mask_url(&config.database_url)))?;
     Ok(client)
 }
 

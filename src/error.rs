@@ -107,6 +107,7 @@ pub fn describe_pg(error: &tokio_postgres::Error) -> String {
         if let Some(hint) = db.hint() {
             out.push_str(&format!("; hint: {hint}"));
         }
+        out.push_str(pooler_hint(db.message()));
         return out;
     }
     chain(error)
@@ -120,7 +121,22 @@ pub(crate) fn chain(error: &dyn std::error::Error) -> String {
         out.push_str(&format!(": {s}"));
         source = s.source();
     }
+    let hint = pooler_hint(&out);
+    out.push_str(hint);
     out
+}
+
+/// What to do when a pooler refused the startup `options` Herald sends
+/// (PgBouncer does unless told to ignore them: 1.18 takes no `options`,
+/// later versions only settings they track, not client_min_messages).
+fn pooler_hint(message: &str) -> &'static str {
+    if message.contains("unsupported startup parameter: options") {
+        "; hint: PgBouncer refuses the startup options Herald sends (-c TimeZone=UTC ...): \
+         add `ignore_startup_parameters = options` to its [pgbouncer] section \
+         (Herald sets the time zone again after connecting)"
+    } else {
+        ""
+    }
 }
 
 /// Attach a short description of the operation to driver errors.

@@ -9,10 +9,20 @@
 //! notification on its channels, and [`Signal::Down`] when the session is
 //! lost (notifications may then go unnoticed until the next `Up`).
 //!
+//! Every session is checked before its first `Up`: it LISTENs on a channel
+//! of its own and a NOTIFY on it is sent from another connection. When that
+//! notification does not arrive, notifications do not reach this session,
+//! the sign of a pooler that hands out server connections per transaction
+//! or statement (PgBouncer's transaction pooling): with
+//! `postgres.listen_check = "fail"` the first session fails the notifier
+//! for good ([`Notifier::failed`], which stops the services), a later one
+//! is dropped and reopened; with `"warn"` it is logged and used anyway.
+//!
 //! It must never take a decision: a notification is only a wake-up, and
 //! every decision is read from the tables. It must never run anything but
-//! LISTEN on its session (Postgres delivers notifications only to an idle
-//! session; a wake lock lives on a session of its own, see `crate::wake`).
+//! LISTEN (and the check's UNLISTEN) on its session (Postgres delivers
+//! notifications only to an idle session; a wake lock lives on a session of
+//! its own, see `crate::wake`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -24,14 +34,22 @@ use tokio_postgres::{AsyncMessage, NoTls};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::config::Config;
-use crate::error::{Context, Result};
+use crate::config::{Config, ListenCheck};
+use crate::error::{Context, Error, Result};
 use crate::telemetry::names::event;
+
+/// The check's channels: this prefix and a fresh id per session, so that no
+/// other session hears them.
+const CHECK_CHANNEL_PREFIX: &str = "herald_listen_check_";
 
 /// The notifier session's application name when one notifier serves
 /// several services (`Herald::builder`); a service that runs alone names it
 /// after itself (e.g. `relay::LISTEN_APPLICATION_NAME`).
 pub const APPLICATION_NAME: &str = "herald-notifier";
+
+/// The application name of the check's sessions other than the notifier's
+/// own: [`check`]'s LISTEN session and every check's NOTIFY connection.
+pub const CHECK_APPLICATION_NAME: &str = "herald-listen-check";
 
 /// What a subscriber hears, in order: `Up`, notifications, `Down`, `Up`, ...
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,6 +89,23 @@ struct Inner {
     /// A subscriber was added: LISTEN on its channels.
     added: Notify,
     connected: AtomicBool,
+    /// Only check a session, then end ([`check`]).
+    check_only: bool,
+    /// The check's channel and payload awaited on the current session, and
+    /// who waits for them.
+    check: Mutex<Option<(String, tokio::sync::oneshot::Sender<()>)>>,
+    /// Why the notifier gave up for good (set once).
+    failed: tokio::sync::watch::Sender<Option<String>>,
+}
+
+/// How one session ended.
+enum Ended {
+    /// It was up, then lost (why).
+    Lost(String),
+    /// It could not be set up.
+    Failed(Error),
+    /// Notifications did not reach it (the check's message).
+    Unheard(String),
 }
 
 /// The process's LISTEN session; cheap to clone (every clone is the same
@@ -92,6 +127,9 @@ impl Notifier {
                 subscribers: Mutex::new(Vec::new()),
                 added: Notify::new(),
                 connected: AtomicBool::new(false),
+                check_only: false,
+                check: Mutex::new(None),
+                failed: tokio::sync::watch::Sender::new(None),
             }),
         }
     }
@@ -114,6 +152,43 @@ impl Notifier {
         self.inner.connected.load(Ordering::Relaxed)
     }
 
+    /// Resolves once the notifier has given up for good: its first session
+    /// was not reached by notifications (`postgres.listen_check = "fail"`).
+    /// Never resolves otherwise.
+    pub async fn failed(&self) -> Error {
+        let mut rx = self.inner.failed.subscribe();
+        let reason = match rx.wait_for(Option::is_some).await {
+            Ok(reason) => reason.clone(),
+            Err(_) => None,
+        };
+        match reason {
+            Some(reason) => unheard_error(reason),
+            None => std::future::pending().await,
+        }
+    }
+
+    /// A child of `shutdown` that is also cancelled when the notifier fails
+    /// for good, and a task that ends with the notifier's error if that is
+    /// why (once the child is cancelled): a service that listens stops on
+    /// either and returns that error.
+    pub(crate) fn stop_on_failure(
+        &self,
+        shutdown: &CancellationToken,
+    ) -> (CancellationToken, tokio::task::JoinHandle<Option<Error>>) {
+        let token = shutdown.child_token();
+        let (this, stop) = (self.clone(), token.clone());
+        let failure = tokio::spawn(async move {
+            tokio::select! {
+                _ = stop.cancelled() => None,
+                error = this.failed() => {
+                    stop.cancel();
+                    Some(error)
+                }
+            }
+        });
+        (token, failure)
+    }
+
     fn subscribers(&self) -> MutexGuard<'_, Vec<Subscriber>> {
         // A panic while holding it leaves the list whole (pushes and flag
         // updates only), so a poisoned lock is still usable.
@@ -124,16 +199,20 @@ impl Notifier {
     }
 
     /// Keep the session open until `shutdown`, reconnecting with backoff.
+    /// Returns an error only when it gave up for good (see
+    /// [`failed`](Self::failed)).
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        // Whether a session passed the check: until then, failing it is fatal.
+        let mut checked = false;
         loop {
             let outcome = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                outcome = self.session() => outcome,
+                outcome = self.session(&mut checked) => outcome,
             };
             self.inner.connected.store(false, Ordering::Relaxed);
             let reason = match outcome {
-                Ok(reason) => {
+                Ended::Lost(reason) => {
                     // We had a working session: retry at once-ish.
                     backoff.reset();
                     tracing::warn!(event = event::POSTGRES_CONNECTION_LOST,
@@ -141,9 +220,20 @@ impl Notifier {
                         "LISTEN connection lost; reconnecting");
                     reason
                 }
-                Err(error) => {
+                Ended::Failed(error) => {
                     tracing::warn!(%error, "LISTEN connection failed");
                     error.to_string()
+                }
+                Ended::Unheard(reason) if !checked => {
+                    self.inner.failed.send_replace(Some(reason.clone()));
+                    self.down("notifications do not reach the LISTEN session");
+                    return Err(unheard_error(reason));
+                }
+                Ended::Unheard(reason) => {
+                    tracing::error!(event = event::POSTGRES_CONNECTION_LOST,
+                        component = "notifier", %reason,
+                        "notifications do not reach the new LISTEN session; reconnecting");
+                    reason
                 }
             };
             self.down(&reason);
@@ -165,9 +255,15 @@ impl Notifier {
         });
     }
 
-    /// One session. `Err` when it could not be set up; `Ok(reason)` when it
-    /// was up and then ended.
-    async fn session(&self) -> Result<String> {
+    /// One session: set up, checked, then up until it ends.
+    async fn session(&self, checked: &mut bool) -> Ended {
+        match self.session_inner(checked).await {
+            Ok(ended) => ended,
+            Err(error) => Ended::Failed(error),
+        }
+    }
+
+    async fn session_inner(&self, checked: &mut bool) -> Result<Ended> {
         let pg = crate::db::pg_config(&self.inner.config, &self.inner.application_name)?;
         let (client, mut connection) = pg
             .connect(NoTls)
@@ -181,7 +277,11 @@ impl Notifier {
             let end = loop {
                 match poll_fn(|cx| connection.poll_message(cx)).await {
                     Some(Ok(AsyncMessage::Notification(n))) => {
-                        this.deliver(n.channel(), n.payload())
+                        if n.channel().starts_with(CHECK_CHANNEL_PREFIX) {
+                            this.heard(n.channel(), n.payload());
+                        } else {
+                            this.deliver(n.channel(), n.payload())
+                        }
                     }
                     Some(Ok(AsyncMessage::Notice(notice))) => {
                         tracing::debug!(notice = %notice.message(), "postgres notice")
@@ -193,6 +293,26 @@ impl Notifier {
             };
             let _ = closed_tx.send(end);
         });
+        let check = tokio::select! {
+            checked = self.check(&client) => checked?,
+            end = &mut closed_rx => {
+                let reason = end.ok().flatten().unwrap_or_else(|| "closed by the server".into());
+                return Err(Error::Other(format!("the LISTEN connection closed during its check: {reason}")));
+            }
+        };
+        if let Err(reason) = check {
+            if self.inner.config.postgres.listen_check == ListenCheck::Fail {
+                return Ok(Ended::Unheard(reason));
+            }
+            tracing::warn!(%reason, "notifications do not reach the LISTEN session; going on \
+                (postgres.listen_check = \"warn\"): wake-ups come at the poll intervals");
+        }
+        *checked = true;
+        if self.inner.check_only {
+            drop(client);
+            let _ = driver.await;
+            return Ok(Ended::Lost("checked".into()));
+        }
         let mut listening: Vec<String> = Vec::new();
         let mut first = true;
         let end = loop {
@@ -215,7 +335,7 @@ impl Notifier {
                 tokio::select! {
                     done = listen => done.context(format!("LISTEN {channel}"))?,
                     end = &mut closed_rx => {
-                        return Ok(end.ok().flatten().unwrap_or_else(|| "closed by the server".into()));
+                        return Ok(Ended::Lost(end.ok().flatten().unwrap_or_else(|| "closed by the server".into())));
                     }
                 }
                 listening.push(channel);
@@ -239,7 +359,66 @@ impl Notifier {
         };
         drop(client);
         let _ = driver.await;
-        Ok(end.unwrap_or_else(|| "closed by the server".into()))
+        Ok(Ended::Lost(
+            end.unwrap_or_else(|| "closed by the server".into()),
+        ))
+    }
+
+    /// LISTEN on a channel of this session's own, NOTIFY it from another
+    /// connection and wait up to `postgres.connect_timeout` for the
+    /// notification. `Err(why)` when it does not come.
+    async fn check(
+        &self,
+        client: &tokio_postgres::Client,
+    ) -> Result<std::result::Result<(), String>> {
+        let started = std::time::Instant::now();
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let channel = format!("{CHECK_CHANNEL_PREFIX}{id}");
+        let (heard_tx, heard_rx) = tokio::sync::oneshot::channel();
+        *self.check_slot() = Some((channel.clone(), heard_tx));
+        client
+            .batch_execute(&format!("LISTEN {channel}"))
+            .await
+            .context("LISTEN for the start-up check")?;
+        let config = &self.inner.config;
+        let other = crate::db::connect(config, CHECK_APPLICATION_NAME).await?;
+        other
+            .batch_execute(&format!("NOTIFY {channel}, '{id}'"))
+            .await
+            .context("NOTIFY for the start-up check")?;
+        let wait = config.postgres.connect_timeout;
+        let heard = tokio::time::timeout(wait, heard_rx).await.is_ok();
+        self.check_slot().take();
+        client
+            .batch_execute(&format!("UNLISTEN {channel}"))
+            .await
+            .context("UNLISTEN after the start-up check")?;
+        if !heard {
+            return Ok(Err(format!(
+                "a NOTIFY sent from another connection did not reach the LISTEN session \
+                 within {wait:?} (postgres.connect_timeout)"
+            )));
+        }
+        tracing::debug!(took = ?started.elapsed(), "notifications reach the LISTEN session");
+        Ok(Ok(()))
+    }
+
+    fn check_slot(&self) -> MutexGuard<'_, Option<(String, tokio::sync::oneshot::Sender<()>)>> {
+        // Only ever replaced or taken whole: a poisoned lock is still usable.
+        self.inner.check.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A notification on a check channel: the awaited one ends the check.
+    fn heard(&self, channel: &str, payload: &str) {
+        let mut slot = self.check_slot();
+        let awaited = slot
+            .as_ref()
+            .is_some_and(|(c, _)| c == channel && c.ends_with(payload));
+        if awaited {
+            if let Some((_, tx)) = slot.take() {
+                let _ = tx.send(());
+            }
+        }
     }
 
     /// Hand a notification to every subscriber of its channel that is up.
@@ -254,5 +433,45 @@ impl Notifier {
             })
             .is_ok()
         });
+    }
+}
+
+/// Check once, on a LISTEN session of its own, that notifications reach a
+/// session opened with `config` (see the module's doc): what a service that
+/// listens does before anything else, so that behind transaction pooling it
+/// stops before running a statement. An error only when they do not
+/// (unless `postgres.listen_check = "warn"`): a session that cannot be
+/// opened is left to the statements that follow, which report why.
+pub async fn check(config: &Config) -> Result<()> {
+    let mut notifier = Notifier::new(config, CHECK_APPLICATION_NAME);
+    if let Some(inner) = Arc::get_mut(&mut notifier.inner) {
+        inner.check_only = true;
+    }
+    let mut checked = false;
+    match notifier.session(&mut checked).await {
+        Ended::Lost(_) => Ok(()),
+        Ended::Failed(error) => {
+            tracing::debug!(%error, "could not check the LISTEN session");
+            Ok(())
+        }
+        Ended::Unheard(reason) => Err(unheard_error(reason)),
+    }
+}
+
+/// The error of a notifier whose first session notifications did not reach.
+fn unheard_error(reason: String) -> Error {
+    Error::Startup {
+        context: "checking that notifications reach the LISTEN session".into(),
+        error: Box::new(Error::Config(format!(
+            "database_url (DATABASE_URL): {reason}; notifications do not reach this session, \
+             the sign of a pooler that hands out server connections per transaction or \
+             statement (PgBouncer pool_mode = transaction or statement). Herald's services \
+             need sessions of their own (LISTEN, the advisory locks of wake-ups and of the \
+             maintenance leader, prepared statements): point their database_url at session \
+             pooling or at Postgres directly \
+             (producers may stay on transaction pooling), or set postgres.listen_check = \
+             \"warn\" (HERALD_POSTGRES_LISTEN_CHECK=warn) to start anyway and wake only at \
+             the poll intervals"
+        ))),
     }
 }

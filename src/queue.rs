@@ -336,9 +336,45 @@ async fn copy_batch<C: GenericClient + Sync>(client: &C, tasks: &[Task]) -> Resu
         .iter()
         .map(|t| t.new_task(traceparent.as_deref()))
         .collect();
-    let ids = tasks::copy_in(client, &rows).await?;
+    // COPY prepares a named statement in one round trip and runs it in the
+    // next: behind transaction pooling both must be in one transaction, so
+    // a bare client gets one of its own. The check is repeated after BEGIN:
+    // inside a block BEGIN starts nothing, and the caller's transaction must
+    // never be committed here.
+    let own = !in_transaction_block(client, "").await?
+        && !in_transaction_block(client, "BEGIN; ").await?;
+    let copied = tasks::copy_in(client, &rows).await;
+    if own {
+        match &copied {
+            Ok(_) => client
+                .batch_execute("COMMIT")
+                .await
+                .context("committing the COPY transaction")?,
+            // The COPY's error is the one to report.
+            Err(_) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+            }
+        }
+    }
+    let ids = copied?;
     count_enqueued(tasks);
     Ok(ids)
+}
+
+/// Whether `client` is inside a transaction block (after running `first`).
+/// In autocommit each simple query is a transaction of its own, started when
+/// the query arrived; inside a block the transaction started with an
+/// earlier message.
+async fn in_transaction_block<C: GenericClient + Sync>(client: &C, first: &str) -> Result<bool> {
+    let check = format!("{first}SELECT transaction_timestamp() <> statement_timestamp()");
+    let rows = client
+        .simple_query(&check)
+        .await
+        .context("checking for a transaction block")?;
+    Ok(rows.iter().any(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0) == Some("t"),
+        _ => false,
+    }))
 }
 
 /// Count a batch by queue (usually one) and log it.

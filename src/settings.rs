@@ -96,6 +96,23 @@ mod tests {
     }
 
     #[test]
+    fn listen_check_is_fail_or_warn() {
+        figment::Jail::expect_with(|jail| {
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.postgres.listen_check, crate::config::ListenCheck::Fail);
+            jail.set_env("HERALD_POSTGRES_LISTEN_CHECK", "warn");
+            let c = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(c.postgres.listen_check, crate::config::ListenCheck::Warn);
+            jail.set_env("HERALD_POSTGRES_LISTEN_CHECK", "off");
+            let error = Config::load(None)
+                .expect_err("not a listen_check")
+                .to_string();
+            assert!(error.to_lowercase().contains("listen_check"), "{error}");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn environment_overrides_file_overrides_defaults() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(

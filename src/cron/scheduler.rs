@@ -79,12 +79,18 @@ impl Scheduler {
     /// Sync `[[schedules]]` and the schedules declared in code, then fire
     /// due ticks until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
+        if self.notifier.is_none() {
+            // Before any statement (`Herald::builder` checks for its services).
+            crate::notifier::check(&self.config).await?;
+        }
         self.save_declared().await?;
         let (wake_tx, wake) = watch::channel(0u64);
         let own = self.notifier.is_none();
         let notifier = self.notifier.clone().unwrap_or_else(|| {
             crate::notifier::Notifier::new(&self.config, super::LISTEN_APPLICATION_NAME)
         });
+        // Notifications that cannot reach the LISTEN session stop it.
+        let (shutdown, notifier_failure) = notifier.stop_on_failure(&shutdown);
         let stop_notifier = shutdown.child_token();
         let own_notifier = own.then(|| tokio::spawn(notifier.clone().run(stop_notifier.clone())));
         let listener = tokio::spawn(listener::listen(
@@ -103,6 +109,9 @@ impl Scheduler {
         stop_notifier.cancel();
         if let Some(task) = own_notifier {
             let _ = task.await;
+        }
+        if let Ok(Some(error)) = notifier_failure.await {
+            return Err(error);
         }
         tracing::info!(
             fired = self.stats.fired.load(Ordering::Relaxed),

@@ -142,14 +142,20 @@ impl Relay {
     /// commit (their partition locks go with the commit) before it returns.
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let catalog = self.catalog.clone().map_err(Error::Config)?;
+        let own = self.notifier.is_none();
+        if own {
+            // Before any statement (`Herald::builder` checks for its services).
+            crate::notifier::check(&self.config).await?;
+        }
         {
             let client = self.pool.get().await?;
             crate::migrate::check_schema(&client).await?;
         }
-        let own = self.notifier.is_none();
         let notifier = self.notifier.clone().unwrap_or_else(|| {
             crate::notifier::Notifier::new(&self.config, LISTEN_APPLICATION_NAME)
         });
+        // Notifications that cannot reach the LISTEN session stop the relay.
+        let (shutdown, notifier_failure) = notifier.stop_on_failure(&shutdown);
         let (signals, listener_task) = listener::spawn(
             &self.config,
             &notifier,
@@ -211,6 +217,9 @@ impl Relay {
         stop_notifier.cancel();
         if let Some(task) = own_notifier {
             let _ = task.await;
+        }
+        if let Ok(Some(error)) = notifier_failure.await {
+            return Err(error);
         }
         tracing::info!(
             published = self.stats.published.load(Ordering::Relaxed),

@@ -5,6 +5,13 @@
 //! migrations). Two tables keep the module that always owned them:
 //! `herald.nodes` is `crate::nodes`' and `herald.settings` is
 //! `crate::migrate`'s.
+//!
+//! The producers' statements (publish, enqueue, cancel) run as unnamed
+//! statements (`query_typed`, `execute_typed`): parsed, bound and run in
+//! one round trip, so that they work through a pooler that hands out server
+//! connections per transaction (PgBouncer's transaction pooling), where a
+//! named statement prepared in one round trip may be run on another server
+//! connection in the next.
 
 pub(crate) mod dead_letters;
 pub(crate) mod outbox;

@@ -287,7 +287,7 @@ pub(crate) async fn holders<C: GenericClient + Sync>(
     keys: &[&str],
 ) -> Result<Vec<(String, i64)>> {
     Ok(client
-        .query(HOLDERS, &[&keys])
+        .query_typed(HOLDERS, &[(&keys, Type::TEXT_ARRAY)])
         .await
         .context("looking up the holders of unique keys")?
         .iter()
@@ -340,7 +340,7 @@ pub(crate) async fn copy_in<C: GenericClient + Sync>(
     let n = i32::try_from(tasks.len())
         .map_err(|_| Error::Other(format!("a batch of {} tasks is too large", tasks.len())))?;
     let ids: Vec<i64> = client
-        .query(RESERVE_IDS, &[&n])
+        .query_typed(RESERVE_IDS, &[(&n, Type::INT4)])
         .await
         .context(format!("reserving {n} task ids"))?
         .iter()
@@ -524,11 +524,11 @@ const CANCEL: &str = "SELECT herald.cancel_task($1) AS outcome";
 /// `herald.cancel_task`: `cancelled`, `cancelling`, or `None` when no
 /// unfinished task has that id.
 pub(crate) async fn cancel<C: GenericClient + Sync>(client: &C, id: i64) -> Result<Option<String>> {
-    let row = client
-        .query_one(CANCEL, &[&id])
+    let rows = client
+        .query_typed(CANCEL, &[(&id, Type::INT8)])
         .await
         .context(format!("cancelling task {id}"))?;
-    Ok(row.get("outcome"))
+    Ok(rows.first().and_then(|r| r.get("outcome")))
 }
 
 // ------------------------------------------------------------- claim

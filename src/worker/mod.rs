@@ -176,6 +176,10 @@ impl Worker {
             return Err(e);
         }
         self.shared.config.worker.validate()?;
+        if self.notifier.is_none() {
+            // Before any statement (`Herald::builder` checks for its services).
+            crate::notifier::check(&self.shared.config).await?;
+        }
         {
             let client = self.shared.pool.get().await?;
             crate::migrate::check_schema(&client).await?;
@@ -201,6 +205,8 @@ impl Worker {
         let notifier = self.notifier.unwrap_or_else(|| {
             crate::notifier::Notifier::new(&shared.config, LISTEN_APPLICATION_NAME)
         });
+        // Notifications that cannot reach the LISTEN session stop the worker.
+        let (shutdown, notifier_failure) = notifier.stop_on_failure(&shutdown);
         let listener = tokio::spawn(listener::listen(
             shared.config.clone(),
             notifier.subscribe(&[
@@ -264,6 +270,9 @@ impl Worker {
         let _ = tokio::join!(listener, heartbeat);
         if let Some(task) = own_notifier {
             let _ = task.await;
+        }
+        if let Ok(Some(error)) = notifier_failure.await {
+            return Err(error);
         }
         tracing::info!(worker = %shared.id, "worker stopped");
         Ok(())

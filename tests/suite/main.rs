@@ -22,6 +22,7 @@ mod faults;
 mod maintenance;
 mod operator;
 mod outbox;
+mod pgbouncer;
 mod tasks;
 mod telemetry;
 mod wakeup;
