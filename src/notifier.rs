@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use futures_util::future::poll_fn;
 use tokio::sync::{mpsc, Notify};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
@@ -168,11 +168,12 @@ impl Notifier {
     /// One session. `Err` when it could not be set up; `Ok(reason)` when it
     /// was up and then ended.
     async fn session(&self) -> Result<String> {
-        let pg = crate::db::pg_config(&self.inner.config, &self.inner.application_name)?;
-        let (client, mut connection) = pg
-            .connect(NoTls)
-            .await
-            .context("opening the LISTEN connection")?;
+        let (client, mut connection) = crate::db::connect_session(
+            &self.inner.config,
+            &self.inner.application_name,
+            "opening the LISTEN connection",
+        )
+        .await?;
         let (closed_tx, mut closed_rx) = tokio::sync::oneshot::channel::<Option<String>>();
         let this = self.clone();
         // Driven here rather than spawned as a plain future so that

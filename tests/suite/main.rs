@@ -21,5 +21,6 @@ mod operator;
 mod outbox;
 mod tasks;
 mod telemetry;
+mod tls;
 mod wakeup;
 mod webhook;

@@ -3,6 +3,7 @@
 //! against the real Postgres and Redis without seeing each other.
 #![allow(dead_code)]
 
+pub mod pg_server;
 pub mod proxy;
 
 use std::collections::HashMap;
