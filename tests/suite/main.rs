@@ -14,6 +14,7 @@ mod coverage_redis;
 mod cron;
 mod dashboard;
 mod events;
+mod failover;
 mod failures;
 mod faults;
 mod maintenance;

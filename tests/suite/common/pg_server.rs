@@ -28,7 +28,8 @@ pub enum StopMode {
 }
 
 impl StopMode {
-    fn arg(self) -> &'static str {
+    /// The `pg_ctl -m` value.
+    pub fn arg(self) -> &'static str {
         match self {
             StopMode::Fast => "fast",
             StopMode::Immediate => "immediate",
