@@ -1,8 +1,9 @@
 //! Herald through a Postgres restart: a relay and a worker (one in-process
 //! `Herald`, with its maintenance) on a private server while producers
 //! write events and tasks without pause; the server is restarted twice
-//! mid-stream, `-m fast` then `-m immediate` (a crash: no shutdown
-//! checkpoint, crash recovery on start). Every event and task whose commit
+//! mid-stream, `-m fast`, then `-m immediate` (a crash: no shutdown
+//! checkpoint, crash recovery on start), then `-m fast` held down for a few
+//! seconds, as a failover would be. Every event and task whose commit
 //! the producer saw must come out (events on Redis in per-key order, tasks
 //! run and marked succeeded); duplicates are counted, and the time from the
 //! server answering again to the first delivery and the first task run is
@@ -19,6 +20,8 @@ use crate::common::pg_server::{PgServer, StopMode};
 use crate::common::{self, wait_for};
 
 const KEYS: usize = 4;
+/// How long the last restart keeps the server down, as a failover would.
+const HELD_DOWN: Duration = Duration::from_secs(5);
 const DB: &str = "herald";
 
 type Shared<T> = Arc<Mutex<Vec<T>>>;
@@ -206,10 +209,17 @@ async fn postgres_restarts_mid_stream_lose_nothing_committed() {
     // Producer commits are only known once the producers return; the time
     // of the first one after each restart is read from them at the end.
     let mut outages = Vec::new();
-    for mode in [StopMode::Fast, StopMode::Immediate] {
+    for (mode, held) in [
+        (StopMode::Fast, Duration::ZERO),
+        (StopMode::Immediate, Duration::ZERO),
+        (StopMode::Fast, HELD_DOWN),
+    ] {
         let down = Instant::now();
         let (back, up) = tokio::task::spawn_blocking(move || {
-            server.restart(mode);
+            server.stop(mode);
+            // The outage itself: reconnect backoffs grow meanwhile.
+            std::thread::sleep(held);
+            server.start_again();
             let up = Instant::now();
             (server, up)
         })
