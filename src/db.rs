@@ -130,7 +130,10 @@ pub async fn connect_session(
 
 /// A failure to get a pooled connection, with a TLS cause said in terms of
 /// the setting ([`Error::Tls`]); `None` when TLS is not why.
-pub fn explain_pool_error(config: &Config, error: &deadpool_postgres::PoolError) -> Option<Error> {
+pub(crate) fn explain_pool_error(
+    config: &Config,
+    error: &deadpool_postgres::PoolError,
+) -> Option<Error> {
     let (_, tls) = tls::split(&config.database_url).ok()?;
     tls.explain(error).map(|reason| Error::Tls {
         setting: tls::SETTING,

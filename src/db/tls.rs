@@ -30,7 +30,7 @@ pub const SETTING: &str = "database_url (DATABASE_URL)";
 
 /// libpq's `sslmode`, with libpq's default (`prefer`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SslMode {
+pub(crate) enum SslMode {
     /// Plain TCP only.
     Disable,
     /// Read as `prefer`: TLS first, plain when the server has no TLS.
@@ -85,7 +85,7 @@ impl fmt::Display for SslMode {
 
 /// Where the CA certificates that sign the server's certificate come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RootCert {
+pub(crate) enum RootCert {
     /// A PEM file of one or more certificates.
     File(PathBuf),
     /// The system's trust store (`sslrootcert=system`).
@@ -103,9 +103,9 @@ impl fmt::Display for RootCert {
 
 /// The TLS part of `database_url`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsSettings {
-    pub mode: SslMode,
-    pub root_cert: Option<RootCert>,
+pub(crate) struct TlsSettings {
+    pub(crate) mode: SslMode,
+    pub(crate) root_cert: Option<RootCert>,
 }
 
 /// libpq settings that would change what TLS means, which Herald does not
@@ -122,7 +122,7 @@ const UNSUPPORTED: &[&str] = &[
 /// Split `url` into what tokio-postgres parses (every other parameter kept
 /// as written) and the TLS settings; tokio-postgres knows neither
 /// `verify-ca`/`verify-full` nor `sslrootcert`.
-pub fn split(url: &str) -> Result<(String, TlsSettings)> {
+pub(crate) fn split(url: &str) -> Result<(String, TlsSettings)> {
     let (base, query) = match url.split_once('?') {
         Some((base, query)) => (base, query),
         None => (url, ""),
@@ -184,7 +184,7 @@ pub fn split(url: &str) -> Result<(String, TlsSettings)> {
 
 impl TlsSettings {
     /// What tokio-postgres negotiates; verification is the connector's.
-    pub fn pg_mode(&self) -> tokio_postgres::config::SslMode {
+    pub(crate) fn pg_mode(&self) -> tokio_postgres::config::SslMode {
         use tokio_postgres::config::SslMode as Pg;
         match self.mode {
             SslMode::Disable => Pg::Disable,
@@ -194,7 +194,7 @@ impl TlsSettings {
     }
 
     /// The connector for these settings; reads `sslrootcert`.
-    pub fn connector(&self) -> Result<MakeTls> {
+    pub(crate) fn connector(&self) -> Result<MakeTls> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let roots = match &self.root_cert {
             None => None,
@@ -219,7 +219,7 @@ impl TlsSettings {
 
     /// A setting-naming reason for a failed connection attempt, when TLS
     /// is why it failed.
-    pub fn explain(&self, error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    pub(crate) fn explain(&self, error: &(dyn std::error::Error + 'static)) -> Option<String> {
         let mut source = Some(error);
         while let Some(e) = source {
             if let Some(tls) = e.downcast_ref::<TlsError>() {
