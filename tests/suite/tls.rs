@@ -358,3 +358,47 @@ async fn wrong_tls_settings_fail_at_start_naming_the_setting() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn scram_with_channel_binding_runs_over_verify_full() {
+    let ca = Ca::new("Herald test CA");
+    let server = tls_server(&ca).await;
+    server
+        .admin("SET password_encryption = 'scram-sha-256'; ALTER ROLE postgres PASSWORD 'hunter2'")
+        .await;
+    // Passwords over TLS only, and SCRAM, which offers SCRAM-SHA-256-PLUS
+    // (bound to the server's certificate) on a TLS session.
+    server
+        .set_hba("hostssl all all 127.0.0.1/32 scram-sha-256\nhost all all 127.0.0.1/32 reject\n");
+    let root = ca.pem_file();
+    let database_url = format!(
+        "postgres://postgres:hunter2@localhost:{}/{DB}?sslmode=verify-full&sslrootcert={}&channel_binding=require",
+        server.port,
+        root.display()
+    );
+    let config = config(database_url);
+    config.validate().unwrap();
+    // The reload is asynchronous: until it is read, trust (which runs no
+    // SCRAM, so channel_binding=require refuses it) still applies.
+    let mut connected = None;
+    common::wait_for(
+        "a SCRAM session with channel binding",
+        Duration::from_secs(10),
+        async || {
+            connected = herald::db::connect(&config, "herald-test").await.ok();
+            connected.is_some()
+        },
+    )
+    .await;
+    assert!(encrypted(&connected.unwrap()).await);
+    herald::migrate::migrate(&config)
+        .await
+        .expect("migrating with SCRAM and channel binding");
+    // Without TLS the server takes no password at all.
+    let err = refused(&self::config(format!(
+        "postgres://postgres:hunter2@127.0.0.1:{}/{DB}?sslmode=disable",
+        server.port
+    )))
+    .await;
+    assert!(err.contains("pg_hba.conf"), "{err}");
+}

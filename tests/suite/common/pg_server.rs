@@ -253,6 +253,14 @@ impl PgServer {
         run(cmd, what);
     }
 
+    /// Replace `pg_hba.conf` with `hba` and reload the server.
+    pub fn set_hba(&self, hba: &str) {
+        let path = self.dir.join("data").join("pg_hba.conf");
+        std::fs::write(&path, hba).unwrap();
+        give(&path, 0o600);
+        self.pg_ctl(&["reload"], "pg_ctl reload");
+    }
+
     /// Stop the server; sessions see their connections end.
     pub fn stop(&mut self, mode: StopMode) {
         if self.running {
