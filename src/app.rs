@@ -191,7 +191,10 @@ impl HeraldBuilder {
             // Fail fast on a wrong URL instead of backing off forever.
             let client = pool.get().await.map_err(|e| Error::Startup {
                 context: format!("connecting to {}", mask_url(&config.database_url)),
-                error: Box::new(Error::Other(crate::error::chain(&e))),
+                error: Box::new(
+                    crate::db::explain_pool_error(&config, &e)
+                        .unwrap_or_else(|| Error::Other(crate::error::chain(&e))),
+                ),
             })?;
             crate::migrate::check_schema(&client).await?;
         }

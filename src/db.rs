@@ -1,15 +1,22 @@
 //! Postgres connections: the bounded `deadpool-postgres` pool every component
 //! shares, and dedicated connections (LISTEN, migration lock) that must not
 //! come from the pool. Owns connection settings (application name, TCP
-//! keepalives, time zone); it never runs Herald's own queries.
+//! keepalives, time zone, TLS through [`tls`]); every session Herald opens
+//! comes from here. It never runs Herald's own queries.
+
+pub mod tls;
 
 use std::time::Duration;
 
 use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, Socket};
 
 use crate::config::{mask_url, Config};
 use crate::error::{Context, Error, Result};
+
+/// The connection half of a dedicated session, for callers that drive it
+/// themselves (to read notifications or notice its end).
+pub type Connection = tokio_postgres::Connection<Socket, tls::TlsStream>;
 
 /// `SET LOCAL`s that plan a transaction's statements once per connection
 /// (a generic plan, not one per execution) and only on indexes, for the
@@ -27,12 +34,28 @@ macro_rules! plan_on_indexes {
 }
 pub(crate) use plan_on_indexes;
 
-/// Parse `DATABASE_URL` and apply Herald's connection settings.
+/// Parse `DATABASE_URL` and apply Herald's connection settings. The TLS
+/// parameters (`sslmode`, `sslrootcert`) are read by [`tls`]; the result
+/// carries only the negotiation mode, so connect it with [`tls_connector`].
 pub fn pg_config(config: &Config, application_name: &str) -> Result<tokio_postgres::Config> {
-    let mut pg: tokio_postgres::Config = config.database_url.parse().map_err(|e| Error::Url {
-        setting: "database_url (DATABASE_URL)",
+    Ok(settings(config, application_name)?.0)
+}
+
+/// The TLS connector for `database_url`'s `sslmode` and `sslrootcert`.
+pub fn tls_connector(config: &Config) -> Result<tls::MakeTls> {
+    tls::split(&config.database_url)?.1.connector()
+}
+
+fn settings(
+    config: &Config,
+    application_name: &str,
+) -> Result<(tokio_postgres::Config, tls::TlsSettings)> {
+    let (url, tls) = tls::split(&config.database_url)?;
+    let mut pg: tokio_postgres::Config = url.parse().map_err(|e| Error::Url {
+        setting: tls::SETTING,
         reason: format!("{e}: {}", mask_url(&config.database_url)),
     })?;
+    pg.ssl_mode(tls.pg_mode());
     if pg.get_application_name().is_none() {
         pg.application_name(application_name);
     }
@@ -49,7 +72,7 @@ pub fn pg_config(config: &Config, application_name: &str) -> Result<tokio_postgr
     // A pooler may drop `options` (PgBouncer refuses it unless told to
     // ignore it): `SESSION_SETTINGS` sets the time zone again.
     pg.options("-c TimeZone=UTC -c client_min_messages=warning");
-    Ok(pg)
+    Ok((pg, tls))
 }
 
 /// Run on every new connection: the time zone of `pg_config`'s `options`,
@@ -65,10 +88,10 @@ async fn session_settings(client: &Client) -> std::result::Result<(), tokio_post
 
 /// The shared, bounded pool (`postgres.pool_size`).
 pub fn pool(config: &Config, application_name: &str) -> Result<Pool> {
-    let pg = pg_config(config, application_name)?;
+    let (pg, tls) = settings(config, application_name)?;
     let manager = Manager::from_config(
         pg,
-        NoTls,
+        tls.connector()?,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -88,11 +111,8 @@ pub fn pool(config: &Config, application_name: &str) -> Result<Pool> {
 /// A dedicated connection whose driver runs on its own task; for work that
 /// must hold one session (advisory locks) and short-lived tools.
 pub async fn connect(config: &Config, application_name: &str) -> Result<Client> {
-    let pg = pg_config(config, application_name)?;
-    let (client, connection) = pg
-        .connect(NoTls)
-        .await
-        .context(format!("connecting to {}", mask_url(&config.database_url)))?;
+    let what = format!("connecting to {}", mask_url(&config.database_url));
+    let (client, connection) = connect_session(config, application_name, &what).await?;
     tokio::spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(%error, "postgres connection closed");
@@ -102,6 +122,42 @@ pub async fn connect(config: &Config, application_name: &str) -> Result<Client> 
         .await
         .context(format!("setting up {}", mask_url(&config.database_url)))?;
     Ok(client)
+}
+
+/// A dedicated session whose connection the caller drives; `what` names the
+/// session in errors. A TLS failure is reported as [`Error::Tls`], naming
+/// the setting.
+pub async fn connect_session(
+    config: &Config,
+    application_name: &str,
+    what: &str,
+) -> Result<(Client, Connection)> {
+    let (pg, tls) = settings(config, application_name)?;
+    pg.connect(tls.connector()?)
+        .await
+        .map_err(|error| match tls.explain(&error) {
+            Some(reason) => Error::Tls {
+                setting: tls::SETTING,
+                reason,
+            },
+            None => Error::Postgres {
+                context: what.to_string(),
+                error,
+            },
+        })
+}
+
+/// A failure to get a pooled connection, with a TLS cause said in terms of
+/// the setting ([`Error::Tls`]); `None` when TLS is not why.
+pub(crate) fn explain_pool_error(
+    config: &Config,
+    error: &deadpool_postgres::PoolError,
+) -> Option<Error> {
+    let (_, tls) = tls::split(&config.database_url).ok()?;
+    tls.explain(error).map(|reason| Error::Tls {
+        setting: tls::SETTING,
+        reason,
+    })
 }
 
 /// A Postgres interval literal for `d`, exact to the microsecond; bind it as

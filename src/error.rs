@@ -42,6 +42,14 @@ pub enum Error {
         reason: String,
     },
 
+    /// A TLS setting in `database_url` that the server does not satisfy
+    /// (certificate, host name, or no TLS at all); see `db::tls`.
+    #[error("{setting}: {reason}")]
+    Tls {
+        setting: &'static str,
+        reason: String,
+    },
+
     #[error("postgres: {context}: {}", describe_pg(.error))]
     Postgres {
         context: String,

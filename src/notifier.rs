@@ -30,7 +30,7 @@ use std::time::Duration;
 
 use futures_util::future::poll_fn;
 use tokio::sync::{mpsc, Notify};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
@@ -264,11 +264,12 @@ impl Notifier {
     }
 
     async fn session_inner(&self, checked: &mut bool) -> Result<Ended> {
-        let pg = crate::db::pg_config(&self.inner.config, &self.inner.application_name)?;
-        let (client, mut connection) = pg
-            .connect(NoTls)
-            .await
-            .context("opening the LISTEN connection")?;
+        let (client, mut connection) = crate::db::connect_session(
+            &self.inner.config,
+            &self.inner.application_name,
+            "opening the LISTEN connection",
+        )
+        .await?;
         let (closed_tx, mut closed_rx) = tokio::sync::oneshot::channel::<Option<String>>();
         let this = self.clone();
         // Driven here rather than spawned as a plain future so that

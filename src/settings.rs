@@ -24,6 +24,9 @@ impl Config {
     /// Reject settings that cannot work, naming the setting.
     pub fn validate(&self) -> Result<()> {
         self.check_settings()?;
+        // sslmode and sslrootcert: a wrong value or an unreadable CA file
+        // fails here, before any connection is tried.
+        crate::db::tls_connector(self)?;
         crate::events::Catalog::from_config(self)?;
         let mut names = std::collections::HashSet::new();
         for sub in &self.subscriptions {

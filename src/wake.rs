@@ -21,7 +21,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{oneshot, watch, Notify};
-use tokio_postgres::NoTls;
 
 use crate::backoff::Backoff;
 use crate::config::Config;
@@ -101,10 +100,12 @@ impl WakeLock {
         key: (i32, i32),
         share: bool,
     ) -> Result<WakeLock> {
-        let (client, connection) = crate::db::pg_config(config, application_name)?
-            .connect(NoTls)
-            .await
-            .context("opening the wake-lock connection")?;
+        let (client, connection) = crate::db::connect_session(
+            config,
+            application_name,
+            "opening the wake-lock connection",
+        )
+        .await?;
         let (closed_tx, closed) = oneshot::channel::<String>();
         let driver = tokio::spawn(async move {
             let end = match connection.await {

@@ -39,7 +39,6 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use tokio::sync::oneshot;
 use tokio::task::JoinSet;
-use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -274,10 +273,12 @@ struct Session {
 
 impl Session {
     async fn open(config: &Config) -> Result<Session> {
-        let (client, connection) = crate::db::pg_config(config, APPLICATION_NAME)?
-            .connect(NoTls)
-            .await
-            .context("opening the maintenance election session")?;
+        let (client, connection) = crate::db::connect_session(
+            config,
+            APPLICATION_NAME,
+            "opening the maintenance election session",
+        )
+        .await?;
         let (closed_tx, closed) = oneshot::channel::<String>();
         tokio::spawn(async move {
             let end = match connection.await {

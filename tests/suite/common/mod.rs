@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod pgbouncer;
+pub mod pg_server;
 pub mod proxy;
 
 use std::collections::HashMap;
