@@ -3,8 +3,8 @@
 //! against the real Postgres and Redis without seeing each other.
 #![allow(dead_code)]
 
-pub mod pgbouncer;
 pub mod pg_server;
+pub mod pgbouncer;
 pub mod proxy;
 
 use std::collections::HashMap;
