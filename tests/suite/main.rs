@@ -19,6 +19,8 @@ mod faults;
 mod maintenance;
 mod operator;
 mod outbox;
+mod redis_cluster;
+mod redis_sentinel;
 mod tasks;
 mod telemetry;
 mod wakeup;

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod redis_cluster;
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -306,7 +307,7 @@ pub struct RelayTask {
 impl RelayTask {
     pub fn start(config: &Config) -> RelayTask {
         let pool = herald::db::pool(config, "herald-relay").unwrap();
-        let redis = herald::pubsub::redis_pool(config).unwrap();
+        let redis = herald::RedisPool::from_config(config).unwrap();
         let relay = Relay::new(config, pool, redis);
         let stats = relay.stats();
         let token = CancellationToken::new();
