@@ -189,6 +189,8 @@ pub async fn publish_each(
             return out;
         }
     };
+    let audience = pool.audience();
+    let mut held: Vec<&str> = Vec::new();
     let mut start = 0;
     while start < messages.len() && out.outage.is_none() {
         if start > 0 && std::time::Instant::now() >= last_start {
@@ -209,8 +211,15 @@ pub async fn publish_each(
         }
         match publish_pipeline(&mut conn, &messages[start..end], timeout).await {
             Ok(results) => {
-                for result in results {
+                for (result, (channel, _)) in results.into_iter().zip(&messages[start..end]) {
                     match result {
+                        Ok(_) if held.contains(&channel.as_str()) => out.sent.push(Sent::Unsent),
+                        Ok(n) if audience.is_some_and(|a| a.hold(channel, n)) => {
+                            held.push(channel);
+                            out.outage
+                                .get_or_insert_with(|| vanished(channel, audience));
+                            out.sent.push(Sent::Unsent);
+                        }
                         Ok(n) => {
                             out.receivers += n;
                             out.sent.push(Sent::Accepted)
@@ -273,6 +282,15 @@ async fn publish_pipeline<C: redis::aio::ConnectionLike>(
         )));
     }
     Ok(results)
+}
+
+/// Why a channel's messages are held back: its subscribers vanished at
+/// once, as they do when a failover moves them to another server.
+fn vanished(channel: &str, audience: Option<&crate::redis_pool::Audience>) -> Error {
+    Error::Other(format!(
+        "redis: channel {channel} lost every subscriber at once (a failover or slot move?); its events wait up to {:?} (redis.connect_timeout) for them to subscribe again",
+        audience.map(|a| a.grace()).unwrap_or_default()
+    ))
 }
 
 /// One group of a cluster publication: the messages (indices into the
@@ -461,12 +479,8 @@ async fn publish_group(
                         // moved and they are subscribing again at the
                         // new primary. Publish it again once they are.
                         held.push(channel.clone());
-                        if out.outage.is_none() {
-                            out.outage = Some(Error::Other(format!(
-                                "redis: sharded channel {channel} lost every subscriber at once (its slot moved?); its events wait up to {:?} (redis.connect_timeout) for them to subscribe again",
-                                audience.map(|a| a.grace()).unwrap_or_default()
-                            )));
-                        }
+                        out.outage
+                            .get_or_insert_with(|| vanished(channel, audience));
                         Sent::Unsent
                     } else {
                         out.receivers += receivers;
@@ -574,6 +588,25 @@ enum Pinger {
 }
 
 impl Pinger {
+    async fn unsubscribe(
+        &mut self,
+        channels: &[String],
+        patterns: &[String],
+    ) -> redis::RedisResult<()> {
+        match self {
+            Pinger::Sink(sink) => {
+                if !channels.is_empty() {
+                    sink.unsubscribe(channels).await?;
+                }
+                if !patterns.is_empty() {
+                    sink.punsubscribe(patterns).await?;
+                }
+                Ok(())
+            }
+            Pinger::Cluster(_) => Ok(()),
+        }
+    }
+
     async fn ping(&mut self) -> redis::RedisResult<()> {
         match self {
             Pinger::Sink(sink) => sink.ping::<redis::Value>().await.map(|_| ()),
@@ -582,6 +615,20 @@ impl Pinger {
                 .await
                 .map(|_| ()),
         }
+    }
+}
+
+/// How long a subscription being left is read after its last message.
+const DRAIN_QUIET: Duration = Duration::from_millis(100);
+
+fn decode(msg: &redis::Msg) -> Delivery {
+    let channel = msg.get_channel_name().to_string();
+    match serde_json::from_slice::<Envelope>(msg.get_payload_bytes()) {
+        Ok(envelope) => Delivery::Event { channel, envelope },
+        Err(e) => Delivery::Undecodable {
+            channel,
+            error: e.to_string(),
+        },
     }
 }
 
@@ -635,6 +682,14 @@ pub struct Subscriber {
     /// Why a topic or pattern given can never match, reported by `connect`.
     invalid: Option<String>,
     lost: Option<(DateTime<Utc>, String)>,
+    /// Sentinel only: who names the primary, the primary subscribed on,
+    /// and when that was last compared.
+    watch: Option<crate::redis_pool::SentinelWatch>,
+    /// The subscription on the old primary, unsubscribed, still handing
+    /// over what it received.
+    draining: Option<Live>,
+    primary: Option<(String, u16)>,
+    checked: std::time::Instant,
 }
 
 impl Subscriber {
@@ -677,6 +732,10 @@ impl Subscriber {
             buffer: DEFAULT_SUBSCRIBER_BUFFER,
             invalid: None,
             lost: None,
+            watch: None,
+            draining: None,
+            primary: None,
+            checked: std::time::Instant::now(),
         })
     }
 
@@ -816,7 +875,14 @@ impl Subscriber {
                         )
                     })?
                     .map_err(|e| crate::redis_pool::describe_connect_error(&self.url, e))?;
-                self.connect_pubsub(client, tx, rx).await?
+                let primary = crate::redis_pool::client_addr(&client);
+                let live = self.connect_pubsub(client, tx, rx).await?;
+                if self.watch.is_none() {
+                    self.watch = Some(crate::redis_pool::SentinelWatch::new(&self.settings)?);
+                }
+                self.primary = primary;
+                self.checked = std::time::Instant::now();
+                live
             }
             Target::Cluster(nodes) => {
                 let nodes = nodes.clone();
@@ -957,21 +1023,42 @@ impl Subscriber {
                     }
                 }
             }
+            if let Some(old) = self.draining.as_mut() {
+                // What the old primary sent before it confirmed the
+                // unsubscribe comes first.
+                match tokio::time::timeout(DRAIN_QUIET, old.rx.recv()).await {
+                    Ok(Some(Item::Message(msg))) => return Ok(decode(&msg)),
+                    Ok(Some(_)) => continue,
+                    Ok(None) | Err(_) => self.draining = None,
+                }
+            }
+            if let Some(reason) = self.primary_moved().await {
+                // Unsubscribe there first: from then on the old primary
+                // counts nobody for these channels, so the relay holds back
+                // what it still publishes there instead of losing it.
+                if let Some(live) = self.conn.as_mut() {
+                    let channels = self.channels.clone();
+                    let patterns = self.patterns.clone();
+                    let _ = tokio::time::timeout(
+                        self.connect_timeout,
+                        live.pinger.unsubscribe(&channels, &patterns),
+                    )
+                    .await;
+                }
+                self.draining = self.conn.take();
+                self.mark_lost(reason);
+                continue;
+            }
+            let wait = if self.watch.is_some() {
+                self.idle_ping.min(crate::redis_pool::SENTINEL_RECHECK)
+            } else {
+                self.idle_ping
+            };
             let Some(live) = self.conn.as_mut() else {
                 continue;
             };
-            match tokio::time::timeout(self.idle_ping, live.rx.recv()).await {
-                Ok(Some(Item::Message(msg))) => {
-                    let channel = msg.get_channel_name().to_string();
-                    let bytes = msg.get_payload_bytes();
-                    return Ok(match serde_json::from_slice::<Envelope>(bytes) {
-                        Ok(envelope) => Delivery::Event { channel, envelope },
-                        Err(e) => Delivery::Undecodable {
-                            channel,
-                            error: e.to_string(),
-                        },
-                    });
-                }
+            match tokio::time::timeout(wait, live.rx.recv()).await {
+                Ok(Some(Item::Message(msg))) => return Ok(decode(&msg)),
                 Ok(Some(Item::Gap {
                     since,
                     until,
@@ -1022,7 +1109,33 @@ impl Subscriber {
         }
     }
 
+    /// Sentinel only, at most every [`crate::redis_pool::SENTINEL_RECHECK`]:
+    /// why to subscribe again, when the sentinels name another primary than
+    /// the one subscribed on (a demoted primary keeps its subscribers until
+    /// the sentinels reconfigure it, and hears nothing published on the new
+    /// one meanwhile).
+    async fn primary_moved(&mut self) -> Option<String> {
+        if self.conn.is_none() || self.checked.elapsed() < crate::redis_pool::SENTINEL_RECHECK {
+            return None;
+        }
+        self.checked = std::time::Instant::now();
+        let named = self.watch.as_mut()?.primary().await?;
+        let on = self.primary.as_ref()?;
+        (named != *on).then(|| {
+            format!(
+                "the sentinels name {}:{} as the primary now, not {}:{}",
+                named.0, named.1, on.0, on.1
+            )
+        })
+    }
+
     fn mark_lost(&mut self, reason: String) {
+        if self.draining.is_some() {
+            tracing::info!(component = "subscriber", url = %self.url, %reason, "redis subscriber: moving to the new primary");
+            self.conn = None;
+            self.lost = Some((Utc::now(), reason));
+            return;
+        }
         tracing::warn!(
             event = crate::telemetry::names::event::REDIS_CONNECTION_LOST,
             component = "subscriber",

@@ -23,10 +23,11 @@ use crate::error::{Error, Result};
 
 const SETTING: &str = "redis_url (REDIS_URL)";
 
-/// How often a Sentinel connection's `ROLE` is checked before it is handed
-/// out: a primary demoted by a failover keeps accepting PUBLISH for its own
-/// subscribers only, so a stale connection would lose messages silently.
-const SENTINEL_RECHECK: Duration = Duration::from_millis(500);
+/// How often a Sentinel connection is checked against the primary the
+/// sentinels name: after a failover the old primary keeps saying it is the
+/// primary until the sentinels reconfigure it, and PUBLISH there reaches
+/// only its own subscribers.
+pub(crate) const SENTINEL_RECHECK: Duration = Duration::from_millis(500);
 
 /// Herald's Redis connections: single server, Sentinel or Cluster.
 /// Cloning is cheap and shares the connections.
@@ -104,16 +105,15 @@ impl RedisPool {
                 Kind::Cluster(Arc::new(ClusterPool {
                     client,
                     conn: tokio::sync::Mutex::new(None),
-                    audience: Audience {
-                        channels: std::sync::Mutex::new(std::collections::HashMap::new()),
-                        grace: config.redis.connect_timeout,
-                    },
+                    audience: Audience::new(config.redis.connect_timeout),
                     url: mask_url(&config.redis_url),
                     connect_timeout: config.redis.connect_timeout,
                 }))
             }
             RedisTarget::Sentinel { .. } => Kind::Sentinel(Arc::new(SentinelPool {
                 client: tokio::sync::Mutex::new(sentinel_client(config)?),
+                watch: tokio::sync::Mutex::new(SentinelWatch::new(config)?),
+                audience: Audience::new(config.redis.connect_timeout),
                 conn: tokio::sync::Mutex::new(None),
                 url: mask_url(&config.redis_url),
                 connection,
@@ -165,9 +165,13 @@ impl RedisPool {
     }
 
     /// What this process last saw of each sharded channel's subscribers.
+    /// Where a message that reached nobody may be a subscriber moving
+    /// with a failover: a Sentinel primary, or a cluster in sharded mode
+    /// (classic messages reach every node of a cluster).
     pub(crate) fn audience(&self) -> Option<&Audience> {
         match &self.kind {
-            Kind::Cluster(pool) => Some(&pool.audience),
+            Kind::Cluster(pool) if self.mode == PubSubMode::Sharded => Some(&pool.audience),
+            Kind::Sentinel(pool) => Some(&pool.audience),
             _ => None,
         }
     }
@@ -340,6 +344,13 @@ struct Heard {
 }
 
 impl Audience {
+    fn new(grace: Duration) -> Audience {
+        Audience {
+            channels: std::sync::Mutex::new(std::collections::HashMap::new()),
+            grace,
+        }
+    }
+
     /// Record that an SPUBLISH on `channel` reached `receivers`; whether
     /// the message must be held back (published again later): it reached
     /// nobody, the channel had subscribers before, and they have been gone
@@ -372,9 +383,86 @@ impl Audience {
     }
 }
 
+/// Asks the sentinels which server is the primary now.
+pub(crate) struct SentinelWatch {
+    sentinels: Vec<redis::Client>,
+    master: String,
+    conn: Option<MultiplexedConnection>,
+    timeout: Duration,
+}
+
+impl SentinelWatch {
+    pub(crate) fn new(config: &Config) -> Result<SentinelWatch> {
+        let RedisTarget::Sentinel {
+            sentinels, master, ..
+        } = RedisTarget::parse(&config.redis_url)?
+        else {
+            return Err(Error::Other("not a redis+sentinel:// URL".into()));
+        };
+        let sentinels = sentinels
+            .iter()
+            .map(|url| redis::Client::open(url.as_str()))
+            .collect::<redis::RedisResult<Vec<_>>>()
+            .map_err(|e| Error::Url {
+                setting: SETTING,
+                reason: format!("{e}: {}", mask_url(&config.redis_url)),
+            })?;
+        Ok(SentinelWatch {
+            sentinels,
+            master,
+            conn: None,
+            timeout: config.redis.connect_timeout,
+        })
+    }
+
+    /// `(host, port)` of the primary as the first sentinel that answers
+    /// names it; `None` when none answers or none knows the master.
+    pub(crate) async fn primary(&mut self) -> Option<(String, u16)> {
+        for _ in 0..=self.sentinels.len() {
+            if self.conn.is_none() {
+                for client in &self.sentinels {
+                    let connect = client.get_multiplexed_async_connection();
+                    if let Ok(Ok(conn)) = tokio::time::timeout(self.timeout, connect).await {
+                        self.conn = Some(conn);
+                        break;
+                    }
+                }
+            }
+            let conn = self.conn.as_mut()?;
+            let mut cmd = redis::cmd("SENTINEL");
+            cmd.arg("GET-MASTER-ADDR-BY-NAME").arg(&self.master);
+            let ask = cmd.query_async::<Option<(String, u16)>>(conn);
+            match tokio::time::timeout(self.timeout, ask).await {
+                Ok(Ok(addr)) => return addr,
+                _ => {
+                    // Try another sentinel.
+                    self.conn = None;
+                    self.sentinels.rotate_left(1);
+                }
+            }
+        }
+        None
+    }
+}
+
+/// `(host, port)` of a server.
+type Addr = (String, u16);
+
+/// `(host, port)` a client connects to.
+pub(crate) fn client_addr(client: &redis::Client) -> Option<(String, u16)> {
+    match client.get_connection_info().addr() {
+        redis::ConnectionAddr::Tcp(host, port) => Some((host.clone(), *port)),
+        redis::ConnectionAddr::TcpTls { host, port, .. } => Some((host.clone(), *port)),
+        _ => None,
+    }
+}
+
 struct SentinelPool {
     client: tokio::sync::Mutex<redis::sentinel::SentinelClient>,
-    conn: tokio::sync::Mutex<Option<(MultiplexedConnection, Instant)>>,
+    watch: tokio::sync::Mutex<SentinelWatch>,
+    audience: Audience,
+    /// The connection, the primary it goes to, and when that was checked.
+    conn: tokio::sync::Mutex<Option<(MultiplexedConnection, Addr, Instant)>>,
     url: String,
     connection: redis::AsyncConnectionConfig,
     connect_timeout: Duration,
@@ -387,23 +475,34 @@ impl SentinelPool {
     /// name now.
     async fn get(&self) -> Result<MultiplexedConnection> {
         let mut slot = self.conn.lock().await;
-        if let Some((conn, checked)) = slot.as_mut() {
+        if let Some((conn, addr, checked)) = slot.as_mut() {
             if checked.elapsed() < SENTINEL_RECHECK {
                 return Ok(conn.clone());
             }
-            let role = tokio::time::timeout(self.response_timeout, is_primary(conn)).await;
-            if matches!(role, Ok(Ok(true))) {
+            let named = self.watch.lock().await.primary().await;
+            // No sentinel answering is no reason to drop a working
+            // connection: check the server itself then.
+            let still = match &named {
+                Some(named) => named == addr,
+                None => matches!(
+                    tokio::time::timeout(self.response_timeout, is_primary(conn)).await,
+                    Ok(Ok(true))
+                ),
+            };
+            if still {
                 *checked = Instant::now();
                 return Ok(conn.clone());
             }
-            tracing::info!(url = %self.url, "redis: the Sentinel primary changed or is gone; asking the sentinels again");
+            tracing::info!(url = %self.url, ?named, "redis: the sentinels name another primary; reconnecting");
             *slot = None;
         }
         let connect = async {
             let client = self.client.lock().await.async_get_client().await?;
-            client
+            let addr = client_addr(&client).unwrap_or_default();
+            let conn = client
                 .get_multiplexed_async_connection_with_config(&self.connection)
-                .await
+                .await?;
+            Ok::<_, redis::RedisError>((conn, addr))
         };
         let conn = tokio::time::timeout(self.connect_timeout * 2, connect)
             .await
@@ -414,7 +513,8 @@ impl SentinelPool {
                 )
             })?
             .map_err(|e| describe_connect_error(&self.url, e))?;
-        *slot = Some((conn.clone(), Instant::now()));
+        let (conn, addr) = conn;
+        *slot = Some((conn.clone(), addr, Instant::now()));
         Ok(conn)
     }
 }
