@@ -211,6 +211,50 @@ async fn the_cache_works_on_a_cluster_and_its_invalidations_reach_every_process(
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_relay_pointed_at_a_server_without_cluster_mode_stops_at_start() {
+    let plain = RedisServer::start();
+    let db = TestDb::new().await;
+    let url = format!("redis+cluster://127.0.0.1:{}", plain.port);
+    let started = Instant::now();
+    let out = crate::common::herald_command(&db.config, &["relay"], &[("REDIS_URL", &url)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "herald relay must not start: {stderr}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(
+        stderr.contains("redis_url (REDIS_URL)") && stderr.contains("cluster mode disabled"),
+        "{stderr}"
+    );
+    // Sharded pub/sub without a cluster is refused before anything connects.
+    let out = crate::common::herald_command(
+        &db.config,
+        &["relay"],
+        &[
+            ("REDIS_URL", &plain.url()),
+            ("HERALD_REDIS_PUBSUB", "sharded"),
+        ],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .output()
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("redis.pubsub (HERALD_REDIS_PUBSUB)"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn settings_that_cannot_work_are_refused_naming_the_setting() {
     // A cluster URL at a server without cluster mode.
     let plain = RedisServer::start();
