@@ -186,7 +186,7 @@ impl HeraldBuilder {
                 })?;
         }
         let pool = crate::db::pool(&config, "herald")?;
-        let redis = crate::pubsub::redis_pool(&config)?;
+        let redis = crate::RedisPool::from_config(&config)?;
         {
             // Fail fast on a wrong URL instead of backing off forever.
             let client = pool.get().await.map_err(|e| Error::Startup {
@@ -229,12 +229,16 @@ impl HeraldBuilder {
         };
         let notifier = crate::notifier::Notifier::new(&config, name);
         if self.relay {
-            if let Err(e) = redis.get().await {
-                tracing::warn!(
+            match redis.check().await {
+                // A Redis that is not there yet is an outage the relay
+                // rides out; a URL that names the wrong thing never heals.
+                Err(e @ Error::Url { .. }) => return Err(e),
+                Err(e) => tracing::warn!(
                     error = %e,
                     url = %mask_url(&config.redis_url),
                     "Redis does not answer yet; the relay keeps events in the outbox and retries"
-                );
+                ),
+                Ok(()) => {}
             }
             // A pool of its own (connections open on demand): the relay's
             // claims never queue behind the workers' for a connection.

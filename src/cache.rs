@@ -188,7 +188,7 @@ const KIND_MISSING: &str = "n";
 
 /// Builds a [`Cache`]; every setting has a default.
 pub struct CacheBuilder<C = Json> {
-    pool: deadpool_redis::Pool,
+    pool: crate::RedisPool,
     namespace: String,
     codec: C,
     jitter: f64,
@@ -206,10 +206,11 @@ pub struct CacheBuilder<C = Json> {
 struct EventSource(Box<Config>);
 
 impl CacheBuilder<Json> {
-    /// A cache on `pool` with keys under `herald:cache:`.
-    pub fn new(pool: deadpool_redis::Pool) -> CacheBuilder<Json> {
+    /// A cache on `pool` (a [`crate::RedisPool`] or a
+    /// `deadpool_redis::Pool`) with keys under `herald:cache:`.
+    pub fn new(pool: impl Into<crate::RedisPool>) -> CacheBuilder<Json> {
         CacheBuilder {
-            pool,
+            pool: pool.into(),
             namespace: "herald:cache:".into(),
             codec: Json,
             jitter: 0.1,
@@ -227,7 +228,7 @@ impl CacheBuilder<Json> {
     /// `redis.response_timeout`, and events (for [`Cache::invalidate_on`])
     /// from the same Redis and channel prefix the relay publishes to.
     pub fn from_config(config: &Config) -> Result<CacheBuilder<Json>> {
-        let pool = crate::pubsub::redis_pool(config)?;
+        let pool = crate::RedisPool::from_config(config)?;
         let mut b = CacheBuilder::new(pool)
             .namespace(format!("{}cache:", config.channel_prefix))
             .response_timeout(config.redis.response_timeout);
@@ -322,12 +323,23 @@ impl<C> CacheBuilder<C> {
         self
     }
 
+    /// On a Redis Cluster, a namespace without a `{hash tag}` is made one
+    /// (`{<namespace>}`): the cache's reads and its fill script touch
+    /// several of its keys at once, which a cluster allows only within one
+    /// slot.
     pub fn build(self) -> Cache<C> {
+        let namespace = if self.pool.topology() == crate::redis_pool::Topology::Cluster
+            && !has_hash_tag(&self.namespace)
+        {
+            format!("{{{}}}", self.namespace)
+        } else {
+            self.namespace
+        };
         Cache {
             inner: Arc::new(Inner {
                 pool: self.pool,
-                gen_key: format!("{}gen", self.namespace),
-                namespace: self.namespace,
+                gen_key: format!("{namespace}gen"),
+                namespace,
                 codec: self.codec,
                 jitter: self.jitter,
                 negative_ttl: self.negative_ttl,
@@ -369,7 +381,7 @@ impl<C> std::fmt::Debug for Cache<C> {
 }
 
 struct Inner<C> {
-    pool: deadpool_redis::Pool,
+    pool: crate::RedisPool,
     namespace: String,
     gen_key: String,
     codec: C,
@@ -450,7 +462,7 @@ impl Cache<Json> {
     }
 
     /// Start building a cache on `pool`.
-    pub fn builder(pool: deadpool_redis::Pool) -> CacheBuilder<Json> {
+    pub fn builder(pool: impl Into<crate::RedisPool>) -> CacheBuilder<Json> {
         CacheBuilder::new(pool)
     }
 }
@@ -952,6 +964,13 @@ impl Drop for Invalidator {
     }
 }
 
+/// Whether `key` has a non-empty `{hash tag}` (what a cluster hashes).
+fn has_hash_tag(key: &str) -> bool {
+    key.split_once('{')
+        .and_then(|(_, rest)| rest.split_once('}'))
+        .is_some_and(|(tag, _)| !tag.is_empty())
+}
+
 enum Req<'a> {
     Cmd(&'a redis::Cmd),
     Pipe(&'a redis::Pipeline),
@@ -983,8 +1002,8 @@ impl<C> Inner<C> {
         let fut = async {
             let mut conn = self.pool.get().await?;
             match req {
-                Req::Cmd(cmd) => cmd.query_async(&mut *conn).await,
-                Req::Pipe(pipe) => pipe.query_async(&mut *conn).await,
+                Req::Cmd(cmd) => cmd.query_async(&mut conn).await,
+                Req::Pipe(pipe) => pipe.query_async(&mut conn).await,
             }
             .context(what)
         };

@@ -99,6 +99,213 @@ pub struct RedisConfig {
     /// consumer that has not taken them; past it they are dropped, counted
     /// and reported as a gap.
     pub subscriber_buffer: usize,
+    /// Which pub/sub the relay publishes with and subscribers read:
+    /// `classic` (PUBLISH, SUBSCRIBE/PSUBSCRIBE; patterns work) or `sharded`
+    /// (SPUBLISH, SSUBSCRIBE; exact topics only; Redis Cluster only).
+    pub pubsub: PubSubMode,
+}
+
+/// `redis.pubsub` (`HERALD_REDIS_PUBSUB`).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PubSubMode {
+    /// PUBLISH and SUBSCRIBE/PSUBSCRIBE: in a cluster every node carries
+    /// every message.
+    #[default]
+    Classic,
+    /// SPUBLISH and SSUBSCRIBE: a message stays in the shard that owns its
+    /// channel's slot; exact channels only.
+    Sharded,
+}
+
+impl std::fmt::Display for PubSubMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PubSubMode::Classic => "classic",
+            PubSubMode::Sharded => "sharded",
+        })
+    }
+}
+
+/// Where `redis_url` points: what [`RedisTarget::parse`] makes of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// One server (`redis://`, `rediss://`, `unix://`): the URL as given.
+    Single(String),
+    /// A Redis Cluster (`redis+cluster://h1:7000,h2:7001`): one
+    /// `redis://` (or `rediss://`) URL per seed node, credentials and query
+    /// included.
+    Cluster { nodes: Vec<String> },
+    /// A primary found through Sentinel
+    /// (`redis+sentinel://s1:26379,s2:26379/mymaster`).
+    Sentinel {
+        /// One `redis://` URL per sentinel (no credentials).
+        sentinels: Vec<String>,
+        /// The master name the sentinels monitor.
+        master: String,
+        /// Credentials for the primary (from the URL's user info).
+        username: Option<String>,
+        password: Option<String>,
+        db: i64,
+        tls: bool,
+    },
+}
+
+const REDIS_URL_SETTING: &str = "redis_url (REDIS_URL)";
+
+impl RedisTarget {
+    /// Parse `redis_url`. Errors name the setting and what is wrong.
+    pub fn parse(raw: &str) -> Result<RedisTarget> {
+        let bad = |reason: String| Error::Url {
+            setting: REDIS_URL_SETTING,
+            reason: format!("{reason}: {}", mask_url(raw)),
+        };
+        let Some((scheme, rest)) = raw.split_once("://") else {
+            return Err(bad("not a URL (no scheme://)".into()));
+        };
+        let scheme = scheme.to_ascii_lowercase();
+        let (tls, kind) = match scheme.as_str() {
+            "redis+cluster" => (false, "cluster"),
+            "rediss+cluster" => (true, "cluster"),
+            "redis+sentinel" => (false, "sentinel"),
+            "rediss+sentinel" => (true, "sentinel"),
+            "redis" | "rediss" | "unix" | "redis+unix" => {
+                let url = url::Url::parse(raw).map_err(|e| bad(e.to_string()))?;
+                if url.scheme().starts_with("redis") && url.host_str().unwrap_or("").is_empty() {
+                    return Err(bad("no host".into()));
+                }
+                return Ok(RedisTarget::Single(raw.to_string()));
+            }
+            other => {
+                return Err(bad(format!(
+                    "scheme {other:?} is not redis://, rediss://, unix://, redis+cluster:// or redis+sentinel://"
+                )))
+            }
+        };
+        let (rest, query) = match rest.split_once('?') {
+            Some((r, q)) => (r, Some(q)),
+            None => (rest, None),
+        };
+        let (authority, path) = match rest.split_once('/') {
+            Some((a, p)) => (a, p),
+            None => (rest, ""),
+        };
+        let (userinfo, hosts) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        let default_port = if kind == "cluster" { 6379 } else { 26379 };
+        let mut addrs = Vec::new();
+        for host in hosts.split(',') {
+            let host = host.trim();
+            if host.is_empty() {
+                return Err(bad(format!(
+                    "an empty {kind} node address (list them as host:port,host:port)"
+                )));
+            }
+            let (name, port) = split_host_port(host).map_err(bad)?;
+            addrs.push(format!("{name}:{}", port.unwrap_or(default_port)));
+        }
+        let node_scheme = if tls { "rediss" } else { "redis" };
+        if kind == "cluster" {
+            if !path.trim_matches('/').is_empty() && path.trim_matches('/') != "0" {
+                return Err(bad(format!(
+                    "a cluster has database 0 only, but the URL names /{path}"
+                )));
+            }
+            let userinfo = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
+            let query = query.map(|q| format!("/?{q}")).unwrap_or_default();
+            let nodes = addrs
+                .iter()
+                .map(|a| format!("{node_scheme}://{userinfo}{a}{query}"))
+                .collect();
+            return Ok(RedisTarget::Cluster { nodes });
+        }
+        let mut parts = path.split('/').filter(|p| !p.is_empty());
+        let Some(master) = parts.next() else {
+            return Err(bad(
+                "no master name: give it as the path, e.g. redis+sentinel://s1:26379,s2:26379/mymaster"
+                    .into(),
+            ));
+        };
+        let db = match parts.next() {
+            None => 0,
+            Some(db) => db.parse::<i64>().map_err(|_| {
+                bad(format!(
+                    "database {db:?} after the master name is not a number"
+                ))
+            })?,
+        };
+        let decode = percent_decode;
+        let (username, password) = match userinfo {
+            None => (None, None),
+            Some(u) => match u.split_once(':') {
+                Some((user, pass)) => (
+                    Some(decode(user)).filter(|u| !u.is_empty()),
+                    Some(decode(pass)),
+                ),
+                None => (Some(decode(u)).filter(|u| !u.is_empty()), None),
+            },
+        };
+        Ok(RedisTarget::Sentinel {
+            sentinels: addrs.iter().map(|a| format!("redis://{a}")).collect(),
+            master: decode(master),
+            username,
+            password,
+            db,
+            tls,
+        })
+    }
+
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, RedisTarget::Cluster { .. })
+    }
+}
+
+/// `%XX` escapes of a URL part decoded (anything else kept as it is).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+            if let Ok(b) = u8::from_str_radix(hex, 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// `host:port`, `host` or `[v6]:port`.
+fn split_host_port(host: &str) -> std::result::Result<(String, Option<u16>), String> {
+    let (name, port) = if let Some(rest) = host.strip_prefix('[') {
+        let Some((v6, after)) = rest.split_once(']') else {
+            return Err(format!("{host:?} opens '[' without closing it"));
+        };
+        (format!("[{v6}]"), after.strip_prefix(':'))
+    } else {
+        match host.rsplit_once(':') {
+            Some((name, port)) => (name.to_string(), Some(port)),
+            None => (host.to_string(), None),
+        }
+    };
+    if name.is_empty() || name == "[]" {
+        return Err(format!("{host:?} has no host name"));
+    }
+    let port = match port {
+        None => None,
+        Some(p) => Some(
+            p.parse::<u16>()
+                .map_err(|_| format!("port {p:?} of {host:?} is not a port number"))?,
+        ),
+    };
+    Ok((name, port))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -343,6 +550,7 @@ impl Default for RedisConfig {
             connect_timeout: Duration::from_secs(5),
             response_timeout: Duration::from_secs(5),
             subscriber_buffer: DEFAULT_SUBSCRIBER_BUFFER,
+            pubsub: PubSubMode::Classic,
         }
     }
 }
@@ -655,18 +863,12 @@ impl Config {
                 ),
             });
         }
-        let url = url::Url::parse(&self.redis_url).map_err(|e| Error::Url {
-            setting: "redis_url (REDIS_URL)",
-            reason: format!("{e}: {}", mask_url(&self.redis_url)),
-        })?;
-        if !matches!(url.scheme(), "redis" | "rediss" | "unix" | "redis+unix") {
-            return Err(Error::Url {
-                setting: "redis_url (REDIS_URL)",
-                reason: format!(
-                    "scheme {:?} is not redis://, rediss:// or unix://",
-                    url.scheme()
-                ),
-            });
+        let target = RedisTarget::parse(&self.redis_url)?;
+        if self.redis.pubsub == PubSubMode::Sharded && !target.is_cluster() {
+            return Err(Error::Config(format!(
+                "redis.pubsub (HERALD_REDIS_PUBSUB) is \"sharded\", which needs a Redis Cluster, but redis_url is {}: use a redis+cluster:// URL or redis.pubsub = \"classic\"",
+                mask_url(&self.redis_url)
+            )));
         }
         let positive = [
             ("max_payload_bytes", self.max_payload_bytes),
@@ -782,6 +984,19 @@ impl Config {
 /// `api_key`, …), with `****`; leave anything unparsable as
 /// `<unparsable URL>` so that a secret never reaches a log.
 pub fn mask_url(raw: &str) -> String {
+    let lower = raw.to_ascii_lowercase();
+    if lower.contains("+cluster://") || lower.contains("+sentinel://") {
+        // Host lists are no URL for the url crate: mask the user info by hand.
+        let (scheme, rest) = raw.split_once("://").unwrap_or(("", raw));
+        let rest = rest.split_once('?').map(|(r, _)| r).unwrap_or(rest);
+        return match rest.rsplit_once('@') {
+            Some((user, hosts)) => match user.split_once(':') {
+                Some((name, _)) => format!("{scheme}://{name}:****@{hosts}"),
+                None => format!("{scheme}://{user}@{hosts}"),
+            },
+            None => format!("{scheme}://{rest}"),
+        };
+    }
     match url::Url::parse(raw) {
         Ok(mut url) => {
             if url.password().is_some() {

@@ -215,7 +215,7 @@ pub fn describe(violations: &[Violation]) -> String {
 pub struct Publisher {
     catalog: Catalog,
     outbox: Outbox,
-    redis: Option<deadpool_redis::Pool>,
+    redis: Option<crate::RedisPool>,
     channel_prefix: String,
     response_timeout: std::time::Duration,
 }
@@ -223,6 +223,16 @@ pub struct Publisher {
 impl Publisher {
     /// `redis` is needed only for fire-and-forget events.
     pub fn new(config: &crate::Config, redis: Option<deadpool_redis::Pool>) -> Result<Publisher> {
+        Publisher::with_redis(config, redis.map(crate::RedisPool::from))
+    }
+
+    /// [`Publisher::new`] with a [`crate::RedisPool`] (single server,
+    /// Sentinel or Cluster); fire-and-forget events go out with its
+    /// `redis.pubsub` mode.
+    pub fn with_redis(
+        config: &crate::Config,
+        redis: Option<crate::RedisPool>,
+    ) -> Result<Publisher> {
         Ok(Publisher {
             catalog: Catalog::from_config(config)?,
             outbox: Outbox::from_config(config),

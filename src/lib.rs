@@ -7,6 +7,7 @@
 //! - [`outbox`]: the `Event` builder and `publish` / `publish_batch`.
 //! - [`relay`]: the process that moves committed events to Redis.
 //! - [`pubsub`]: Redis publishing and the reconnecting `Subscriber`.
+//! - [`redis_pool`]: connections to one Redis, a Sentinel primary or a Redis Cluster.
 //! - [`cache`]: cache-aside over Redis with event-driven invalidation.
 //! - [`migrate`]: the schema in `sql/`, applied with refinery.
 //! - [`queue`]: the `Task` builder and `enqueue` / `enqueue_batch`.
@@ -43,6 +44,7 @@ pub mod notifier;
 pub mod outbox;
 pub mod pubsub;
 pub mod queue;
+pub mod redis_pool;
 pub mod relay;
 mod settings;
 pub mod stats;
@@ -61,6 +63,7 @@ pub use error::{Error, Result};
 pub use outbox::{publish, publish_batch, Envelope, Event, Outbox};
 pub use pubsub::{Delivery, Subscriber};
 pub use queue::{enqueue, enqueue_batch, Queue, Task};
+pub use redis_pool::RedisPool;
 pub use relay::Relay;
 pub use worker::webhook;
 pub use worker::{Outcome, Registry, TaskContext, Worker};

@@ -1,6 +1,10 @@
 //! Redis pub/sub: the bounded connection pool the relay publishes through,
 //! one pipelined PUBLISH round trip per batch (bounded in bytes), and the `Subscriber` that Rust
 //! consumers (and `herald tail`) read envelopes from, reconnecting by itself.
+//! On a Redis Cluster (see [`crate::redis_pool`]) classic pub/sub publishes
+//! every batch through one node (the cluster bus carries it to every node),
+//! and sharded pub/sub (`redis.pubsub = "sharded"`) sends each channel's
+//! SPUBLISH to the primary owning its slot, one pipeline per slot.
 //!
 //! Redis here is only a fan-out medium: this module must never be the only
 //! holder of an event. Publishing reports what Redis did with each message
@@ -10,12 +14,13 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures_util::StreamExt;
-use redis::aio::{PubSubSink, PubSubStream};
+use futures_util::{Stream, StreamExt};
+use redis::aio::PubSubSink;
 
-use crate::config::{mask_url, Config};
+use crate::config::{mask_url, Config, PubSubMode, RedisTarget};
 use crate::error::{Context, Error, Result};
 use crate::outbox::Envelope;
+use crate::redis_pool::RedisPool;
 
 /// A bounded pool of multiplexed Redis connections (`redis.pool_size`).
 ///
@@ -23,7 +28,22 @@ use crate::outbox::Envelope;
 /// `redis.response_timeout`: left to the redis crate, a connection gives up
 /// on a reply after its own 500 ms, so a slow Redis failed every batch after
 /// running it, and the relay published the batch again and again.
+///
+/// For a single server only: a `redis+cluster://` or `redis+sentinel://`
+/// URL needs [`RedisPool::from_config`].
 pub fn redis_pool(config: &Config) -> Result<deadpool_redis::Pool> {
+    if !matches!(
+        RedisTarget::parse(&config.redis_url)?,
+        RedisTarget::Single(_)
+    ) {
+        return Err(Error::Url {
+            setting: "redis_url (REDIS_URL)",
+            reason: format!(
+                "{} is a Cluster or Sentinel URL, and pubsub::redis_pool makes a single-server pool: use herald::RedisPool::from_config",
+                mask_url(&config.redis_url)
+            ),
+        });
+    }
     let bad_url = |e: &dyn std::fmt::Display| Error::Url {
         setting: "redis_url (REDIS_URL)",
         reason: format!("{e}: {}", mask_url(&config.redis_url)),
@@ -50,19 +70,37 @@ pub fn redis_pool(config: &Config) -> Result<deadpool_redis::Pool> {
 /// nothing: any refused message fails the call (see [`publish_each`] for
 /// per-message outcomes).
 pub async fn publish_all(
-    pool: &deadpool_redis::Pool,
+    pool: impl Into<RedisPool>,
     messages: &[(String, String)],
     timeout: Duration,
 ) -> Result<i64> {
     if messages.is_empty() {
         return Ok(0);
     }
+    let pool = pool.into();
+    if pool.cluster().await.is_some() {
+        let out = publish_each(
+            &pool,
+            messages,
+            timeout,
+            usize::MAX,
+            std::time::Instant::now(),
+        )
+        .await;
+        if let Some(error) = out.outage {
+            return Err(error);
+        }
+        if let Some(Sent::Refused(reason)) = out.sent.iter().find(|s| **s != Sent::Accepted) {
+            return Err(Error::Other(reason.clone()));
+        }
+        return Ok(out.receivers);
+    }
     let mut conn = pool.get().await?;
     let mut pipe = redis::pipe();
     for (channel, message) in messages {
         pipe.publish(channel, message);
     }
-    let receivers: Vec<i64> = tokio::time::timeout(timeout, pipe.query_async(&mut *conn))
+    let receivers: Vec<i64> = tokio::time::timeout(timeout, pipe.query_async(&mut conn))
         .await
         .map_err(|_| {
             Error::Timeout(
@@ -98,8 +136,12 @@ pub struct Publication {
     pub outage: Option<Error>,
     /// The outage is a timeout (no reply within `redis.response_timeout`).
     pub timed_out: bool,
-    /// Messages the first pipeline held (the rest went in later ones).
+    /// Messages the first pipeline held (the rest went in later ones); on
+    /// a cluster in sharded mode, the first pipeline of every slot's.
     pub first_pipeline: usize,
+    /// Subscribers that received the accepted messages, summed as Redis
+    /// counted them (per node for classic pub/sub in a cluster).
+    pub receivers: i64,
 }
 
 impl Publication {
@@ -113,8 +155,13 @@ impl Publication {
 /// report what Redis did with each. A pipeline that fails as a whole leaves
 /// it and every later message [`Sent::Unsent`], and so does reaching
 /// `last_start` before a pipeline (which bounds how long the caller waits).
+///
+/// On a cluster, classic PUBLISH goes through the primary of slot 0 (one
+/// node, so batches stay in order for every subscriber) and sharded SPUBLISH
+/// goes per slot to its primary, the slots' pipelines at the same time;
+/// a channel's messages keep their order within its slot's pipelines.
 pub async fn publish_each(
-    pool: &deadpool_redis::Pool,
+    pool: impl Into<RedisPool>,
     messages: &[(String, String)],
     timeout: Duration,
     max_bytes: usize,
@@ -125,18 +172,25 @@ pub async fn publish_each(
         outage: None,
         timed_out: false,
         first_pipeline: 0,
+        receivers: 0,
     };
     if messages.is_empty() {
         return out;
     }
+    let pool = pool.into();
+    if let Some(conn) = pool.cluster().await {
+        return publish_cluster(&pool, conn, messages, timeout, max_bytes, last_start).await;
+    }
     let mut conn = match pool.get().await {
         Ok(conn) => conn,
         Err(error) => {
-            out.outage = Some(error.into());
+            out.outage = Some(error);
             out.sent.resize(messages.len(), Sent::Unsent);
             return out;
         }
     };
+    let audience = pool.audience();
+    let mut held: Vec<&str> = Vec::new();
     let mut start = 0;
     while start < messages.len() && out.outage.is_none() {
         if start > 0 && std::time::Instant::now() >= last_start {
@@ -157,9 +211,19 @@ pub async fn publish_each(
         }
         match publish_pipeline(&mut conn, &messages[start..end], timeout).await {
             Ok(results) => {
-                for result in results {
+                for (result, (channel, _)) in results.into_iter().zip(&messages[start..end]) {
                     match result {
-                        Ok(_) => out.sent.push(Sent::Accepted),
+                        Ok(_) if held.contains(&channel.as_str()) => out.sent.push(Sent::Unsent),
+                        Ok(n) if audience.is_some_and(|a| a.hold(channel, n)) => {
+                            held.push(channel);
+                            out.outage
+                                .get_or_insert_with(|| vanished(channel, audience));
+                            out.sent.push(Sent::Unsent);
+                        }
+                        Ok(n) => {
+                            out.receivers += n;
+                            out.sent.push(Sent::Accepted)
+                        }
                         Err(error) if refuses_everything(&error) => {
                             out.sent.push(Sent::Unsent);
                             if out.outage.is_none() {
@@ -190,8 +254,8 @@ pub async fn publish_each(
 }
 
 /// One pipeline with per-command results.
-async fn publish_pipeline(
-    conn: &mut deadpool_redis::Connection,
+async fn publish_pipeline<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
     messages: &[(String, String)],
     timeout: Duration,
 ) -> Result<Vec<redis::RedisResult<i64>>> {
@@ -201,7 +265,7 @@ async fn publish_pipeline(
         pipe.publish(channel, message);
     }
     let results: Vec<redis::RedisResult<i64>> =
-        tokio::time::timeout(timeout, pipe.query_async(&mut **conn))
+        tokio::time::timeout(timeout, pipe.query_async(conn))
             .await
             .map_err(|_| {
                 Error::Timeout(
@@ -220,6 +284,230 @@ async fn publish_pipeline(
     Ok(results)
 }
 
+/// Why a channel's messages are held back: its subscribers vanished at
+/// once, as they do when a failover moves them to another server.
+fn vanished(channel: &str, audience: Option<&crate::redis_pool::Audience>) -> Error {
+    Error::Other(format!(
+        "redis: channel {channel} lost every subscriber at once (a failover or slot move?); its events wait up to {:?} (redis.connect_timeout) for them to subscribe again",
+        audience.map(|a| a.grace()).unwrap_or_default()
+    ))
+}
+
+/// One group of a cluster publication: the messages (indices into the
+/// batch, in order) that go to one node.
+struct Group {
+    route: redis::cluster_routing::Route,
+    indices: Vec<usize>,
+    mode: PubSubMode,
+}
+
+/// What one group's pipelines did.
+struct GroupOutcome {
+    sent: Vec<(usize, Sent)>,
+    outage: Option<Error>,
+    timed_out: bool,
+    first_pipeline: usize,
+    receivers: i64,
+}
+
+async fn publish_cluster(
+    pool: &RedisPool,
+    conn: Result<redis::cluster_async::ClusterConnection>,
+    messages: &[(String, String)],
+    timeout: Duration,
+    max_bytes: usize,
+    last_start: std::time::Instant,
+) -> Publication {
+    use redis::cluster_routing::{Route, SlotAddr};
+    let mode = pool.pubsub();
+    let audience = match mode {
+        PubSubMode::Sharded => pool.audience(),
+        PubSubMode::Classic => None,
+    };
+    let mut out = Publication {
+        sent: vec![Sent::Unsent; messages.len()],
+        outage: None,
+        timed_out: false,
+        first_pipeline: 0,
+        receivers: 0,
+    };
+    let conn = match conn {
+        Ok(conn) => conn,
+        Err(error) => {
+            out.outage = Some(error);
+            return out;
+        }
+    };
+    let groups: Vec<Group> = match mode {
+        PubSubMode::Classic => vec![Group {
+            route: Route::new(0, SlotAddr::Master),
+            indices: (0..messages.len()).collect(),
+            mode,
+        }],
+        PubSubMode::Sharded => {
+            let mut by_slot: Vec<(u16, Vec<usize>)> = Vec::new();
+            for (i, (channel, _)) in messages.iter().enumerate() {
+                let slot = crate::redis_pool::slot(channel.as_bytes());
+                match by_slot.iter_mut().find(|(s, _)| *s == slot) {
+                    Some((_, indices)) => indices.push(i),
+                    None => by_slot.push((slot, vec![i])),
+                }
+            }
+            by_slot
+                .into_iter()
+                .map(|(slot, indices)| Group {
+                    route: Route::new(slot, SlotAddr::Master),
+                    indices,
+                    mode,
+                })
+                .collect()
+        }
+    };
+    let outcomes = futures_util::future::join_all(groups.into_iter().map(|group| {
+        publish_group(
+            conn.clone(),
+            audience,
+            group,
+            messages,
+            timeout,
+            max_bytes,
+            last_start,
+        )
+    }))
+    .await;
+    for outcome in outcomes {
+        for (i, sent) in outcome.sent {
+            out.sent[i] = sent;
+        }
+        out.first_pipeline += outcome.first_pipeline;
+        out.receivers += outcome.receivers;
+        out.timed_out |= outcome.timed_out;
+        if out.outage.is_none() {
+            out.outage = outcome.outage;
+        }
+    }
+    out
+}
+
+/// One group's messages in pipelines of at most `max_bytes`, one after the
+/// other, to the node of its route.
+async fn publish_group(
+    mut conn: redis::cluster_async::ClusterConnection,
+    audience: Option<&crate::redis_pool::Audience>,
+    group: Group,
+    messages: &[(String, String)],
+    timeout: Duration,
+    max_bytes: usize,
+    last_start: std::time::Instant,
+) -> GroupOutcome {
+    let mut out = GroupOutcome {
+        sent: Vec::with_capacity(group.indices.len()),
+        outage: None,
+        timed_out: false,
+        first_pipeline: 0,
+        receivers: 0,
+    };
+    let command = match group.mode {
+        PubSubMode::Classic => "PUBLISH",
+        PubSubMode::Sharded => "SPUBLISH",
+    };
+    let mut start = 0;
+    let mut held: Vec<String> = Vec::new();
+    let indices = &group.indices;
+    while start < indices.len() && out.outage.is_none() {
+        if start > 0 && std::time::Instant::now() >= last_start {
+            break;
+        }
+        let mut end = start;
+        let mut bytes = 0usize;
+        while end < indices.len() {
+            let (channel, message) = &messages[indices[end]];
+            let size = channel.len() + message.len();
+            if end > start && bytes.saturating_add(size) > max_bytes {
+                break;
+            }
+            bytes = bytes.saturating_add(size);
+            end += 1;
+        }
+        if start == 0 {
+            out.first_pipeline = end;
+        }
+        let mut pipe = redis::pipe();
+        for &i in &indices[start..end] {
+            let (channel, message) = &messages[i];
+            pipe.cmd(command).arg(channel).arg(message);
+        }
+        let count = end - start;
+        let route = redis::cluster_routing::SingleNodeRoutingInfo::SpecificNode(group.route);
+        let reply = tokio::time::timeout(timeout, conn.route_pipeline(pipe, 0, count, route)).await;
+        let values = match reply {
+            Err(_) => {
+                out.timed_out = true;
+                out.outage = Some(Error::Timeout(
+                    timeout,
+                    format!("publishing {count} messages to the Redis Cluster"),
+                ));
+                break;
+            }
+            Ok(Err(error)) => {
+                out.timed_out = error.is_timeout();
+                out.outage = Some(Error::Redis {
+                    context: format!("publishing {count} messages"),
+                    error,
+                });
+                break;
+            }
+            Ok(Ok(values)) if values.len() != count => {
+                out.outage = Some(Error::Other(format!(
+                    "redis: {} replies to a pipeline of {count} {command}",
+                    values.len()
+                )));
+                break;
+            }
+            Ok(Ok(values)) => values,
+        };
+        for (&i, value) in indices[start..end].iter().zip(values) {
+            let channel = &messages[i].0;
+            let sent = match value.extract_error() {
+                // After one of a channel's messages is held, its later
+                // ones are too, so the channel keeps its order.
+                Ok(_) if held.contains(channel) => Sent::Unsent,
+                Ok(value) => {
+                    let receivers = redis::from_redis_value::<i64>(value).unwrap_or(0);
+                    if audience.is_some_and(|a| a.hold(channel, receivers)) {
+                        // Its subscribers vanished together: the slot
+                        // moved and they are subscribing again at the
+                        // new primary. Publish it again once they are.
+                        held.push(channel.clone());
+                        out.outage
+                            .get_or_insert_with(|| vanished(channel, audience));
+                        Sent::Unsent
+                    } else {
+                        out.receivers += receivers;
+                        Sent::Accepted
+                    }
+                }
+                Err(error) if refuses_everything(&error) => {
+                    if out.outage.is_none() {
+                        out.outage = Some(Error::Redis {
+                            context: format!("Redis refuses {command} itself"),
+                            error,
+                        });
+                    }
+                    Sent::Unsent
+                }
+                Err(error) => Sent::Refused(format!("redis: {command} refused: {error}")),
+            };
+            out.sent.push((i, sent));
+        }
+        start = end;
+    }
+    for &i in &indices[out.sent.len()..] {
+        out.sent.push((i, Sent::Unsent));
+    }
+    out
+}
+
 /// Whether a PUBLISH's error concerns Redis or this client rather than the
 /// message: not authenticated, wrong password, the PUBLISH command itself
 /// denied by an ACL, or a server not ready. Such errors are outages, never
@@ -228,7 +516,8 @@ async fn publish_pipeline(
 pub fn refuses_everything(error: &redis::RedisError) -> bool {
     match error.code() {
         Some(
-            "NOAUTH" | "WRONGPASS" | "LOADING" | "BUSY" | "MASTERDOWN" | "CLUSTERDOWN" | "TRYAGAIN",
+            "NOAUTH" | "WRONGPASS" | "LOADING" | "BUSY" | "MASTERDOWN" | "CLUSTERDOWN" | "TRYAGAIN"
+            | "MOVED" | "ASK" | "READONLY",
         ) => true,
         Some("NOPERM") => !error
             .detail()
@@ -269,6 +558,13 @@ pub use crate::config::{DEFAULT_SUBSCRIBER_BUFFER, MAX_SUBSCRIBER_BUFFER};
 /// buffer.
 enum Item {
     Message(redis::Msg),
+    /// Messages possibly missed between the two times (a cluster node's
+    /// connection lost, or a channel's slot moved and was subscribed again).
+    Gap {
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        reason: String,
+    },
     /// Messages dropped because the buffer was full, between the two times.
     Dropped {
         count: u64,
@@ -280,9 +576,77 @@ enum Item {
 /// One live subscription: the sink for pings and the reader task that moves
 /// messages from the connection into the bounded buffer.
 struct Live {
-    sink: PubSubSink,
+    pinger: Pinger,
     rx: tokio::sync::mpsc::Receiver<Item>,
     reader: tokio::task::JoinHandle<()>,
+}
+
+/// What checks an idle subscription is alive.
+enum Pinger {
+    Sink(PubSubSink),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl Pinger {
+    async fn unsubscribe(
+        &mut self,
+        channels: &[String],
+        patterns: &[String],
+    ) -> redis::RedisResult<()> {
+        match self {
+            Pinger::Sink(sink) => {
+                if !channels.is_empty() {
+                    sink.unsubscribe(channels).await?;
+                }
+                if !patterns.is_empty() {
+                    sink.punsubscribe(patterns).await?;
+                }
+                Ok(())
+            }
+            Pinger::Cluster(_) => Ok(()),
+        }
+    }
+
+    async fn ping(&mut self) -> redis::RedisResult<()> {
+        match self {
+            Pinger::Sink(sink) => sink.ping::<redis::Value>().await.map(|_| ()),
+            Pinger::Cluster(conn) => redis::cmd("PING")
+                .query_async::<redis::Value>(conn)
+                .await
+                .map(|_| ()),
+        }
+    }
+}
+
+/// How long a subscription being left is read after its last message.
+const DRAIN_QUIET: Duration = Duration::from_millis(100);
+
+fn decode(msg: &redis::Msg) -> Delivery {
+    let channel = msg.get_channel_name().to_string();
+    match serde_json::from_slice::<Envelope>(msg.get_payload_bytes()) {
+        Ok(envelope) => Delivery::Event { channel, envelope },
+        Err(e) => Delivery::Undecodable {
+            channel,
+            error: e.to_string(),
+        },
+    }
+}
+
+/// What a message arriving on the connection is, for [`read_into`].
+enum Incoming {
+    Msg(redis::Msg),
+    Gap {
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+        reason: String,
+    },
+}
+
+/// Where a [`Subscriber`] connects.
+enum Target {
+    Single(Box<redis::Client>),
+    Sentinel,
+    Cluster(Vec<String>),
 }
 
 impl Drop for Live {
@@ -300,7 +664,11 @@ impl Drop for Live {
 /// bounded buffer; when the buffer is full it drops and counts, and the
 /// consumer gets a [`Delivery::Gap`] where the dropped messages were.
 pub struct Subscriber {
-    client: redis::Client,
+    target: Target,
+    /// `redis_url` and the `[redis]` timeouts the Sentinel and Cluster
+    /// clients are built with.
+    settings: Box<Config>,
+    mode: PubSubMode,
     url: String,
     prefix: String,
     channels: Vec<String>,
@@ -314,19 +682,44 @@ pub struct Subscriber {
     /// Why a topic or pattern given can never match, reported by `connect`.
     invalid: Option<String>,
     lost: Option<(DateTime<Utc>, String)>,
+    /// Sentinel only: who names the primary, the primary subscribed on,
+    /// and when that was last compared.
+    watch: Option<crate::redis_pool::SentinelWatch>,
+    /// The subscription on the old primary, unsubscribed, still handing
+    /// over what it received.
+    draining: Option<Live>,
+    primary: Option<(String, u16)>,
+    checked: std::time::Instant,
 }
 
 impl Subscriber {
     /// A subscriber for `redis_url` with channel prefix `prefix` (usually
     /// `herald:`). Nothing connects until [`Subscriber::connect`] or the
     /// first [`Subscriber::next`].
+    ///
+    /// `redis_url` may be a `redis+cluster://` or `redis+sentinel://` URL
+    /// (see [`crate::redis_pool`]); classic pub/sub unless
+    /// [`Subscriber::pubsub`] says otherwise.
     pub fn new(redis_url: &str, prefix: &str) -> Result<Subscriber> {
-        let client = redis::Client::open(redis_url).map_err(|e| Error::Url {
-            setting: "redis_url (REDIS_URL)",
-            reason: format!("{e}: {}", mask_url(redis_url)),
-        })?;
+        let target = match RedisTarget::parse(redis_url)? {
+            RedisTarget::Single(_) => {
+                Target::Single(Box::new(redis::Client::open(redis_url).map_err(|e| {
+                    Error::Url {
+                        setting: "redis_url (REDIS_URL)",
+                        reason: format!("{e}: {}", mask_url(redis_url)),
+                    }
+                })?))
+            }
+            RedisTarget::Sentinel { .. } => Target::Sentinel,
+            RedisTarget::Cluster { nodes } => Target::Cluster(nodes),
+        };
         Ok(Subscriber {
-            client,
+            target,
+            settings: Box::new(Config {
+                redis_url: redis_url.to_string(),
+                ..Config::default()
+            }),
+            mode: PubSubMode::Classic,
             url: mask_url(redis_url),
             prefix: prefix.to_string(),
             channels: Vec::new(),
@@ -339,17 +732,31 @@ impl Subscriber {
             buffer: DEFAULT_SUBSCRIBER_BUFFER,
             invalid: None,
             lost: None,
+            watch: None,
+            draining: None,
+            primary: None,
+            checked: std::time::Instant::now(),
         })
     }
 
     pub fn from_config(config: &Config) -> Result<Subscriber> {
         let mut s = Subscriber::new(&config.redis_url, &config.channel_prefix)?;
+        s.settings = Box::new(config.clone());
+        s.mode = config.redis.pubsub;
         s.connect_timeout = config.redis.connect_timeout;
         s.buffer = config
             .redis
             .subscriber_buffer
             .clamp(1, MAX_SUBSCRIBER_BUFFER);
         Ok(s)
+    }
+
+    /// Read with classic (SUBSCRIBE/PSUBSCRIBE) or sharded (SSUBSCRIBE,
+    /// Redis Cluster only, exact topics only) pub/sub: what the relay
+    /// publishes with (`redis.pubsub`; set by [`Subscriber::from_config`]).
+    pub fn pubsub(mut self, mode: PubSubMode) -> Subscriber {
+        self.mode = mode;
+        self
     }
 
     /// Delay between reconnect attempts: doubles from `min` up to `max`.
@@ -432,11 +839,69 @@ impl Subscriber {
                 "cannot subscribe: {reason}; topics are 1 to 255 letters, digits, '.', '_', '-' or ':', and patterns add the Redis glob characters '*', '?', '[...]'"
             )));
         }
+        if self.mode == PubSubMode::Sharded {
+            if let Some(pattern) = self.patterns.first() {
+                return Err(Error::Config(format!(
+                    "redis.pubsub (HERALD_REDIS_PUBSUB) is \"sharded\", which has exact channels only, so pattern {:?} cannot be subscribed: subscribe to exact topics, or publish and subscribe with redis.pubsub = \"classic\"",
+                    pattern.strip_prefix(&self.prefix).unwrap_or(pattern)
+                )));
+            }
+            if !matches!(self.target, Target::Cluster(_)) {
+                return Err(Error::Config(format!(
+                    "redis.pubsub (HERALD_REDIS_PUBSUB) is \"sharded\", which needs a Redis Cluster, but redis_url is {}: use a redis+cluster:// URL or redis.pubsub = \"classic\"",
+                    self.url
+                )));
+            }
+        }
         // Drop any previous connection (and its reader) before opening one.
         self.conn = None;
+        // One slot more than the buffer so that a dropped-count marker
+        // always fits behind a full buffer.
+        let (tx, rx) = tokio::sync::mpsc::channel(self.buffer + 1);
+        let live = match &self.target {
+            Target::Single(client) => {
+                let client = (**client).clone();
+                self.connect_pubsub(client, tx, rx).await?
+            }
+            Target::Sentinel => {
+                let mut sentinel = crate::redis_pool::sentinel_client(&self.settings)?;
+                let find = tokio::time::timeout(self.connect_timeout, sentinel.async_get_client());
+                let client = find
+                    .await
+                    .map_err(|_| {
+                        Error::Timeout(
+                            self.connect_timeout,
+                            format!("asking the sentinels of {} for the primary", self.url),
+                        )
+                    })?
+                    .map_err(|e| crate::redis_pool::describe_connect_error(&self.url, e))?;
+                let primary = crate::redis_pool::client_addr(&client);
+                let live = self.connect_pubsub(client, tx, rx).await?;
+                if self.watch.is_none() {
+                    self.watch = Some(crate::redis_pool::SentinelWatch::new(&self.settings)?);
+                }
+                self.primary = primary;
+                self.checked = std::time::Instant::now();
+                live
+            }
+            Target::Cluster(nodes) => {
+                let nodes = nodes.clone();
+                self.connect_cluster(&nodes, tx, rx).await?
+            }
+        };
+        self.conn = Some(live);
+        Ok(())
+    }
+
+    /// Subscribe on one server with a pub/sub connection of its own.
+    async fn connect_pubsub(
+        &self,
+        client: redis::Client,
+        tx: tokio::sync::mpsc::Sender<Item>,
+        rx: tokio::sync::mpsc::Receiver<Item>,
+    ) -> Result<Live> {
         let fut = async {
-            let pubsub = self
-                .client
+            let pubsub = client
                 .get_async_pubsub()
                 .await
                 .context(format!("connecting to {}", self.url))?;
@@ -458,12 +923,73 @@ impl Subscriber {
             .map_err(|_| {
                 Error::Timeout(self.connect_timeout, format!("connecting to {}", self.url))
             })??;
-        // One slot more than the buffer so that a dropped-count marker
-        // always fits behind a full buffer.
-        let (tx, rx) = tokio::sync::mpsc::channel(self.buffer + 1);
-        let reader = tokio::spawn(read_into(stream, tx, self.buffer, self.url.clone()));
-        self.conn = Some(Live { sink, rx, reader });
-        Ok(())
+        let reader = tokio::spawn(read_into(
+            stream.map(Incoming::Msg),
+            tx,
+            self.buffer,
+            self.url.clone(),
+        ));
+        Ok(Live {
+            pinger: Pinger::Sink(sink),
+            rx,
+            reader,
+        })
+    }
+
+    /// Subscribe through a RESP3 cluster connection: classic channels and
+    /// patterns on any node, sharded channels on the primary owning each
+    /// channel's slot. The cluster client reconnects and re-subscribes by
+    /// itself; a channel whose slot moved is subscribed again here.
+    async fn connect_cluster(
+        &self,
+        nodes: &[String],
+        tx: tokio::sync::mpsc::Sender<Item>,
+        rx: tokio::sync::mpsc::Receiver<Item>,
+    ) -> Result<Live> {
+        let (push_tx, push_rx) = tokio::sync::mpsc::unbounded_channel();
+        let client = crate::redis_pool::cluster_client(nodes, &self.settings, Some(push_tx))?;
+        let fut = async {
+            let mut conn = client
+                .get_async_connection()
+                .await
+                .map_err(|e| crate::redis_pool::describe_connect_error(&self.url, e))?;
+            // One command per channel: a subscription command is routed by
+            // its first channel, and sharded channels of several slots in
+            // one command would be refused (CROSSSLOT).
+            for channel in &self.channels {
+                match self.mode {
+                    PubSubMode::Classic => conn.subscribe(channel).await,
+                    PubSubMode::Sharded => conn.ssubscribe(channel).await,
+                }
+                .context(format!("subscribing to {channel}"))?;
+            }
+            for pattern in &self.patterns {
+                conn.psubscribe(pattern)
+                    .await
+                    .context(format!("subscribing to pattern {pattern}"))?;
+            }
+            Ok::<_, Error>(conn)
+        };
+        let conn = tokio::time::timeout(self.connect_timeout * 2, fut)
+            .await
+            .map_err(|_| {
+                Error::Timeout(
+                    self.connect_timeout * 2,
+                    format!("connecting to the cluster {}", self.url),
+                )
+            })??;
+        let stream = cluster_pushes(push_rx, conn.clone(), self.mode);
+        let reader = tokio::spawn(read_into(
+            Box::pin(stream),
+            tx,
+            self.buffer,
+            self.url.clone(),
+        ));
+        Ok(Live {
+            pinger: Pinger::Cluster(conn),
+            rx,
+            reader,
+        })
     }
 
     /// The next delivery. Never returns an error for a lost connection: it
@@ -497,20 +1023,53 @@ impl Subscriber {
                     }
                 }
             }
+            if let Some(old) = self.draining.as_mut() {
+                // What the old primary sent before it confirmed the
+                // unsubscribe comes first.
+                match tokio::time::timeout(DRAIN_QUIET, old.rx.recv()).await {
+                    Ok(Some(Item::Message(msg))) => return Ok(decode(&msg)),
+                    Ok(Some(_)) => continue,
+                    Ok(None) | Err(_) => self.draining = None,
+                }
+            }
+            if let Some(reason) = self.primary_moved().await {
+                // Unsubscribe there first: from then on the old primary
+                // counts nobody for these channels, so the relay holds back
+                // what it still publishes there instead of losing it.
+                if let Some(live) = self.conn.as_mut() {
+                    let channels = self.channels.clone();
+                    let patterns = self.patterns.clone();
+                    let _ = tokio::time::timeout(
+                        self.connect_timeout,
+                        live.pinger.unsubscribe(&channels, &patterns),
+                    )
+                    .await;
+                }
+                self.draining = self.conn.take();
+                self.mark_lost(reason);
+                continue;
+            }
+            let wait = if self.watch.is_some() {
+                self.idle_ping.min(crate::redis_pool::SENTINEL_RECHECK)
+            } else {
+                self.idle_ping
+            };
             let Some(live) = self.conn.as_mut() else {
                 continue;
             };
-            match tokio::time::timeout(self.idle_ping, live.rx.recv()).await {
-                Ok(Some(Item::Message(msg))) => {
-                    let channel = msg.get_channel_name().to_string();
-                    let bytes = msg.get_payload_bytes();
-                    return Ok(match serde_json::from_slice::<Envelope>(bytes) {
-                        Ok(envelope) => Delivery::Event { channel, envelope },
-                        Err(e) => Delivery::Undecodable {
-                            channel,
-                            error: e.to_string(),
-                        },
-                    });
+            match tokio::time::timeout(wait, live.rx.recv()).await {
+                Ok(Some(Item::Message(msg))) => return Ok(decode(&msg)),
+                Ok(Some(Item::Gap {
+                    since,
+                    until,
+                    reason,
+                })) => {
+                    return Ok(Delivery::Gap(Gap {
+                        disconnected_at: since,
+                        reconnected_at: until,
+                        reason,
+                        dropped: None,
+                    }));
                 }
                 Ok(Some(Item::Dropped {
                     count,
@@ -530,11 +1089,7 @@ impl Subscriber {
                 Ok(None) => self.mark_lost("connection closed".into()),
                 Err(_) => {
                     // Idle: make sure the connection is still alive.
-                    let ping = tokio::time::timeout(
-                        self.connect_timeout,
-                        live.sink.ping::<redis::Value>(),
-                    )
-                    .await;
+                    let ping = tokio::time::timeout(self.connect_timeout, live.pinger.ping()).await;
                     match ping {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => self.mark_lost(format!("ping failed: {e}")),
@@ -554,7 +1109,33 @@ impl Subscriber {
         }
     }
 
+    /// Sentinel only, at most every [`crate::redis_pool::SENTINEL_RECHECK`]:
+    /// why to subscribe again, when the sentinels name another primary than
+    /// the one subscribed on (a demoted primary keeps its subscribers until
+    /// the sentinels reconfigure it, and hears nothing published on the new
+    /// one meanwhile).
+    async fn primary_moved(&mut self) -> Option<String> {
+        if self.conn.is_none() || self.checked.elapsed() < crate::redis_pool::SENTINEL_RECHECK {
+            return None;
+        }
+        self.checked = std::time::Instant::now();
+        let named = self.watch.as_mut()?.primary().await?;
+        let on = self.primary.as_ref()?;
+        (named != *on).then(|| {
+            format!(
+                "the sentinels name {}:{} as the primary now, not {}:{}",
+                named.0, named.1, on.0, on.1
+            )
+        })
+    }
+
     fn mark_lost(&mut self, reason: String) {
+        if self.draining.is_some() {
+            tracing::info!(component = "subscriber", url = %self.url, %reason, "redis subscriber: moving to the new primary");
+            self.conn = None;
+            self.lost = Some((Utc::now(), reason));
+            return;
+        }
         tracing::warn!(
             event = crate::telemetry::names::event::REDIS_CONNECTION_LOST,
             component = "subscriber",
@@ -596,7 +1177,7 @@ fn check_pattern(pattern: &str) -> std::result::Result<(), String> {
 /// closes (after handing over any count still owed) or the subscriber is
 /// dropped.
 async fn read_into(
-    mut stream: PubSubStream,
+    mut stream: impl Stream<Item = Incoming> + Unpin,
     tx: tokio::sync::mpsc::Sender<Item>,
     buffer: usize,
     url: String,
@@ -625,7 +1206,19 @@ async fn read_into(
             _ = tx.closed() => return,
             msg = stream.next() => msg,
         };
-        let Some(msg) = msg else { break };
+        let msg = match msg {
+            None => break,
+            Some(Incoming::Msg(msg)) => Item::Message(msg),
+            Some(Incoming::Gap {
+                since,
+                until,
+                reason,
+            }) => Item::Gap {
+                since,
+                until,
+                reason,
+            },
+        };
         // The last slot is kept for the marker: a message may take a slot
         // only while the buffer holds fewer than `buffer` items.
         if tx.capacity() <= 1 {
@@ -638,7 +1231,7 @@ async fn read_into(
             dropped = Some((1, Utc::now()));
             continue;
         }
-        if tx.try_send(Item::Message(msg)).is_err() {
+        if tx.try_send(msg).is_err() {
             return;
         }
     }
@@ -651,4 +1244,88 @@ async fn read_into(
             })
             .await;
     }
+}
+
+/// The messages of a RESP3 cluster connection's pushes, with a gap where
+/// a node's connection was lost (reported once the cluster client has
+/// subscribed again) and where Redis unsubscribed a sharded channel because
+/// its slot moved to another primary (failover, resharding): such a channel
+/// is subscribed again, which the cluster client routes to the new owner.
+fn cluster_pushes(
+    rx: tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+    conn: redis::cluster_async::ClusterConnection,
+    mode: PubSubMode,
+) -> impl Stream<Item = Incoming> {
+    struct State {
+        rx: tokio::sync::mpsc::UnboundedReceiver<redis::PushInfo>,
+        conn: redis::cluster_async::ClusterConnection,
+        lost: Option<DateTime<Utc>>,
+    }
+    let state = State {
+        rx,
+        conn,
+        lost: None,
+    };
+    futures_util::stream::unfold(state, move |mut state| async move {
+        loop {
+            let push = state.rx.recv().await?;
+            match push.kind {
+                redis::PushKind::Message
+                | redis::PushKind::PMessage
+                | redis::PushKind::SMessage => {
+                    if let Some(msg) = redis::Msg::from_push_info(push) {
+                        return Some((Incoming::Msg(msg), state));
+                    }
+                }
+                redis::PushKind::Disconnection => {
+                    state.lost.get_or_insert_with(Utc::now);
+                }
+                redis::PushKind::SUnsubscribe if mode == PubSubMode::Sharded => {
+                    // Herald never unsubscribes: Redis did, because the
+                    // channel's slot is no longer served by that node.
+                    let Some(channel) = push.data.first().and_then(|v| match v {
+                        redis::Value::BulkString(b) => {
+                            Some(String::from_utf8_lossy(b).into_owned())
+                        }
+                        _ => None,
+                    }) else {
+                        continue;
+                    };
+                    let since = state.lost.take().unwrap_or_else(Utc::now);
+                    let mut backoff = Duration::from_millis(20);
+                    while let Err(error) = state.conn.ssubscribe(&channel).await {
+                        tracing::debug!(%error, %channel, "redis subscriber: subscribing again to a moved sharded channel failed; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                    tracing::info!(%channel, "redis subscriber: the sharded channel's slot moved; subscribed again at its new primary");
+                    return Some((
+                        Incoming::Gap {
+                            since,
+                            until: Utc::now(),
+                            reason: format!(
+                                "Redis moved the slot of {channel} (failover or resharding); subscribed again at its new primary"
+                            ),
+                        },
+                        state,
+                    ));
+                }
+                redis::PushKind::Subscribe
+                | redis::PushKind::PSubscribe
+                | redis::PushKind::SSubscribe => {
+                    if let Some(since) = state.lost.take() {
+                        return Some((
+                            Incoming::Gap {
+                                since,
+                                until: Utc::now(),
+                                reason: "a Redis Cluster node's connection was lost; the cluster client reconnected and subscribed again".into(),
+                            },
+                            state,
+                        ));
+                    }
+                }
+                _ => {}
+            }
+        }
+    })
 }

@@ -84,6 +84,61 @@ mod tests {
     use std::time::Duration;
 
     #[test]
+    fn cluster_and_sentinel_urls_parse_into_their_nodes() {
+        assert_eq!(
+            RedisTarget::parse("redis+cluster://u:p%40ss@h1:7000,h2,[::1]:7002?protocol=3")
+                .unwrap(),
+            RedisTarget::Cluster {
+                nodes: vec![
+                    "redis://u:p%40ss@h1:7000/?protocol=3".into(),
+                    "redis://u:p%40ss@h2:6379/?protocol=3".into(),
+                    "redis://u:p%40ss@[::1]:7002/?protocol=3".into(),
+                ]
+            }
+        );
+        assert_eq!(
+            RedisTarget::parse("rediss+cluster://h1:7000/").unwrap(),
+            RedisTarget::Cluster {
+                nodes: vec!["rediss://h1:7000".into()]
+            }
+        );
+        assert_eq!(
+            RedisTarget::parse("redis+sentinel://:s%2Bcret@s1,s2:26380/my%20master/2").unwrap(),
+            RedisTarget::Sentinel {
+                sentinels: vec!["redis://s1:26379".into(), "redis://s2:26380".into()],
+                master: "my master".into(),
+                username: None,
+                password: Some("s+cret".into()),
+                db: 2,
+                tls: false,
+            }
+        );
+        assert!(matches!(
+            RedisTarget::parse("redis://127.0.0.1:6379/1").unwrap(),
+            RedisTarget::Single(_)
+        ));
+        // Passwords never show in the messages.
+        let err = RedisTarget::parse("redis+cluster://u:hunter2@h1:x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("redis_url") && !err.contains("hunter2"),
+            "{err}"
+        );
+        assert_eq!(
+            mask_url("redis+sentinel://u:hunter2@s1,s2/m"),
+            "redis+sentinel://u:****@s1,s2/m"
+        );
+        let mut config = Config {
+            redis_url: "redis://127.0.0.1".into(),
+            ..Config::default()
+        };
+        config.redis.pubsub = PubSubMode::Sharded;
+        let err = config.check_settings().unwrap_err().to_string();
+        assert!(err.contains("redis.pubsub (HERALD_REDIS_PUBSUB)"), "{err}");
+    }
+
+    #[test]
     fn worker_settings_that_cannot_work_are_refused() {
         let mut c = Config::default();
         assert!(c.validate().is_ok());

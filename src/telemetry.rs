@@ -558,9 +558,10 @@ pub fn record_pool_status(name: &str, pool: &deadpool_postgres::Pool) {
     record_pool(name, s.max_size, s.size, s.available, s.waiting);
 }
 
-/// [`record_pool_status`] for a Redis pool.
-pub fn record_redis_pool_status(name: &str, pool: &deadpool_redis::Pool) {
-    let s = pool.status();
+/// [`record_pool_status`] for a Redis pool (a `&deadpool_redis::Pool` or
+/// a `&RedisPool`).
+pub fn record_redis_pool_status(name: &str, pool: impl Into<crate::RedisPool>) {
+    let s = pool.into().status();
     record_pool(name, s.max_size, s.size, s.available, s.waiting);
 }
 

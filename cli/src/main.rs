@@ -337,8 +337,8 @@ async fn run_cli() -> anyhow::Result<()> {
             }
             // Checked against the catalog, and sent the way its type says
             // (building the Redis pool opens no connection).
-            let redis = herald::pubsub::redis_pool(&config)?;
-            let publisher = herald::events::Publisher::new(&config, Some(redis))?;
+            let redis = herald::RedisPool::from_config(&config)?;
+            let publisher = herald::events::Publisher::with_redis(&config, Some(redis))?;
             let id = if publisher.catalog().delivery(event.topic())
                 == herald::events::DeliveryMode::FireAndForget
             {

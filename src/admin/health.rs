@@ -193,7 +193,7 @@ fn millis(started: Instant) -> f64 {
 }
 
 /// Ping Redis through the pool within `timeout`: used by `/metrics`.
-pub(crate) async fn redis_up(redis: &deadpool_redis::Pool, timeout: Duration) -> bool {
+pub(crate) async fn redis_up(redis: &crate::RedisPool, timeout: Duration) -> bool {
     let attempt = async {
         let mut conn = redis.get().await.ok()?;
         redis::cmd("PING")

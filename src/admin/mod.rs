@@ -35,7 +35,7 @@ use crate::error::{Error, Result};
 pub struct AdminState {
     pub config: Config,
     pub pool: Pool,
-    pub redis: deadpool_redis::Pool,
+    pub redis: crate::RedisPool,
     /// `admin.read_only`: actions answer 403.
     pub read_only: bool,
     /// When the process started, for `/healthz` and the dashboard.
@@ -53,11 +53,11 @@ pub struct AdminState {
 impl AdminState {
     /// The state for `config`, with no LISTEN connection registered yet
     /// (see [`Readiness::listener`]).
-    pub fn new(config: Config, pool: Pool, redis: deadpool_redis::Pool) -> AdminState {
+    pub fn new(config: Config, pool: Pool, redis: impl Into<crate::RedisPool>) -> AdminState {
         AdminState {
             read_only: config.admin.read_only,
             pool,
-            redis,
+            redis: redis.into(),
             started_at: chrono::Utc::now(),
             dashboard: dashboard::Dashboard::default(),
             readiness: Readiness::default(),

@@ -107,7 +107,7 @@ pub struct RelayStats {
 pub struct Relay {
     config: Config,
     pool: Pool,
-    redis: deadpool_redis::Pool,
+    redis: crate::RedisPool,
     stats: Arc<RelayStats>,
     /// The process's notifier; `None`: the relay runs one of its own.
     notifier: Option<crate::notifier::Notifier>,
@@ -116,11 +116,13 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub fn new(config: &Config, pool: Pool, redis: deadpool_redis::Pool) -> Relay {
+    /// `redis`: a [`crate::RedisPool`] (single server, Sentinel or Cluster)
+    /// or a `deadpool_redis::Pool` (single server, classic pub/sub).
+    pub fn new(config: &Config, pool: Pool, redis: impl Into<crate::RedisPool>) -> Relay {
         Relay {
             config: config.clone(),
             pool,
-            redis,
+            redis: redis.into(),
             stats: Arc::new(RelayStats::default()),
             notifier: None,
             catalog: Catalog::from_config(config).map_err(|e| e.to_string()),
@@ -246,7 +248,7 @@ async fn watch_task(what: &'static str, task: tokio::task::JoinHandle<()>, stats
 struct Drainer {
     config: Config,
     pool: Pool,
-    redis: deadpool_redis::Pool,
+    redis: crate::RedisPool,
     stats: Arc<RelayStats>,
     catalog: Catalog,
     /// A publish failed because Redis was unreachable; the next success is

@@ -44,7 +44,7 @@ impl Drainer {
         let ping = async {
             let mut conn = self.redis.get().await.ok()?;
             redis::cmd("PING")
-                .query_async::<String>(&mut *conn)
+                .query_async::<String>(&mut conn)
                 .await
                 .ok()
         };

@@ -24,6 +24,8 @@ mod maintenance;
 mod operator;
 mod outbox;
 mod pgbouncer;
+mod redis_cluster;
+mod redis_sentinel;
 mod tasks;
 mod telemetry;
 mod tls;

@@ -6,6 +6,7 @@
 pub mod pg_server;
 pub mod pgbouncer;
 pub mod proxy;
+pub mod redis_cluster;
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -308,7 +309,7 @@ pub struct RelayTask {
 impl RelayTask {
     pub fn start(config: &Config) -> RelayTask {
         let pool = herald::db::pool(config, "herald-relay").unwrap();
-        let redis = herald::pubsub::redis_pool(config).unwrap();
+        let redis = herald::RedisPool::from_config(config).unwrap();
         let relay = Relay::new(config, pool, redis);
         let stats = relay.stats();
         let token = CancellationToken::new();
