@@ -18,8 +18,25 @@
 
 use serde::Serialize;
 
-use crate::config::Config;
+use crate::config::{Config, RedisTarget};
 use crate::error::{Error, Result};
+
+/// How a Cluster or Sentinel target connects (one multiplexed connection,
+/// whatever `redis.pool_size` says), or `None` for a single server's pool.
+/// A URL that does not parse counts as a single server: `Config::validate`
+/// reports it.
+fn multiplexed_redis(config: &Config) -> Option<&'static str> {
+    match RedisTarget::parse(&config.redis_url) {
+        Ok(RedisTarget::Cluster { .. }) => {
+            Some("one multiplexed connection to each cluster node (redis.pool_size is not used)")
+        }
+        Ok(RedisTarget::Sentinel { .. }) => Some(
+            "one multiplexed connection to the primary, and one to a sentinel to follow it \
+             (redis.pool_size is not used)",
+        ),
+        _ => None,
+    }
+}
 
 /// What one process runs (and, for embedders, the Redis clients it makes).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -259,10 +276,12 @@ impl Budget {
         // The process's Redis pool: the relay's publishes (one per drain
         // worker) and the admin server's PINGs; any admin request may take
         // one, so with the admin server it may fill.
-        let redis_pool = match (services.relay, services.admin) {
-            (_, true) => config.redis.pool_size,
-            (true, false) => config.relay.concurrency.min(config.redis.pool_size),
-            (false, false) => 0,
+        let multiplexed = multiplexed_redis(config);
+        let redis_pool = match (services.relay, services.admin, multiplexed) {
+            (false, false, _) => 0,
+            (_, _, Some(_)) => 1,
+            (_, true, None) => config.redis.pool_size,
+            (true, false, None) => config.relay.concurrency.min(config.redis.pool_size),
         };
         if redis_pool > 0 {
             line(
@@ -271,10 +290,12 @@ impl Budget {
                 0,
                 redis_pool,
                 Held::OnDemand,
-                if services.admin {
-                    "redis.pool_size (relay.concurrency publishing + admin requests)".into()
-                } else {
-                    "relay.concurrency (its publishes), at most redis.pool_size".into()
+                match multiplexed {
+                    Some(what) => what.into(),
+                    None if services.admin => {
+                        "redis.pool_size (relay.concurrency publishing + admin requests)".into()
+                    }
+                    None => "relay.concurrency (its publishes), at most redis.pool_size".into(),
                 },
             );
         }
@@ -293,9 +314,12 @@ impl Budget {
                 "caches",
                 "",
                 0,
-                services.caches * config.redis.pool_size,
+                services.caches * multiplexed.map_or(config.redis.pool_size, |_| 1),
                 Held::OnDemand,
-                "each: redis.pool_size (invalidate_on Subscribers count above)".into(),
+                match multiplexed {
+                    Some(what) => format!("each: {what} (invalidate_on Subscribers count above)"),
+                    None => "each: redis.pool_size (invalidate_on Subscribers count above)".into(),
+                },
             );
         }
         let postgres = lines
@@ -335,7 +359,10 @@ impl Budget {
                 c.relay.concurrency, c.postgres.pool_size, c.relay.concurrency
             )));
         }
-        if self.services.relay && c.relay.concurrency > c.redis.pool_size {
+        if self.services.relay
+            && multiplexed_redis(c).is_none()
+            && c.relay.concurrency > c.redis.pool_size
+        {
             // …and a Redis connection for its publish while it holds the
             // claim: fewer would keep partitions locked waiting for Redis.
             return Err(Error::Config(format!(
@@ -513,5 +540,31 @@ mod tests {
             ..Services::default()
         };
         Budget::of(&config, worker).check().unwrap();
+    }
+
+    #[test]
+    fn cluster_and_sentinel_hold_one_multiplexed_connection_whatever_the_pool_size() {
+        for url in [
+            "redis+cluster://127.0.0.1:7000,127.0.0.1:7001",
+            "redis+sentinel://127.0.0.1:26379/mymaster",
+        ] {
+            let mut config = Config::default();
+            config.redis_url = url.into();
+            config.relay.concurrency = 6;
+            config.postgres.pool_size = 6;
+            config.redis.pool_size = 2;
+            let run = Services::run(&config);
+            let budget = Budget::of(&config, run);
+            budget.check().unwrap();
+            assert_eq!(budget.redis, 1, "{url}: {}", budget.table());
+            let cached = Budget::of(
+                &config,
+                Services {
+                    caches: 2,
+                    ..Services::default()
+                },
+            );
+            assert_eq!(cached.redis, 2, "{url}");
+        }
     }
 }
