@@ -548,8 +548,10 @@ mod tests {
             "redis+cluster://127.0.0.1:7000,127.0.0.1:7001",
             "redis+sentinel://127.0.0.1:26379/mymaster",
         ] {
-            let mut config = Config::default();
-            config.redis_url = url.into();
+            let mut config = Config {
+                redis_url: url.into(),
+                ..Config::default()
+            };
             config.relay.concurrency = 6;
             config.postgres.pool_size = 6;
             config.redis.pool_size = 2;
