@@ -202,7 +202,7 @@ impl Notifier {
     /// Returns an error only when it gave up for good (see
     /// [`failed`](Self::failed)).
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
-        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         // Whether a session passed the check: until then, failing it is fatal.
         let mut checked = false;
         loop {

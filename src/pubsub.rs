@@ -181,7 +181,9 @@ pub async fn publish_each(
     if let Some(conn) = pool.cluster().await {
         return publish_cluster(&pool, conn, messages, timeout, max_bytes, last_start).await;
     }
-    let mut conn = match pool.get().await {
+    let conn = pool.get().await;
+    // Checked after `get`, which is where a failover is noticed.
+    let mut conn = match conn.and_then(|conn| pool.held_back().map_or(Ok(conn), Err)) {
         Ok(conn) => conn,
         Err(error) => {
             out.outage = Some(error);
@@ -865,21 +867,27 @@ impl Subscriber {
             }
             Target::Sentinel => {
                 let mut sentinel = crate::redis_pool::sentinel_client(&self.settings)?;
-                let find = tokio::time::timeout(self.connect_timeout, sentinel.async_get_client());
+                let watch = match &mut self.watch {
+                    Some(watch) => watch,
+                    None => self
+                        .watch
+                        .insert(crate::redis_pool::SentinelWatch::new(&self.settings)?),
+                };
+                let find = tokio::time::timeout(
+                    self.connect_timeout * 2,
+                    crate::redis_pool::agreed_primary(&mut sentinel, watch, self.connect_timeout),
+                );
                 let client = find
                     .await
                     .map_err(|_| {
                         Error::Timeout(
-                            self.connect_timeout,
+                            self.connect_timeout * 2,
                             format!("asking the sentinels of {} for the primary", self.url),
                         )
                     })?
                     .map_err(|e| crate::redis_pool::describe_connect_error(&self.url, e))?;
                 let primary = crate::redis_pool::client_addr(&client);
                 let live = self.connect_pubsub(client, tx, rx).await?;
-                if self.watch.is_none() {
-                    self.watch = Some(crate::redis_pool::SentinelWatch::new(&self.settings)?);
-                }
                 self.primary = primary;
                 self.checked = std::time::Instant::now();
                 live

@@ -29,6 +29,12 @@ const SETTING: &str = "redis_url (REDIS_URL)";
 /// only its own subscribers.
 pub(crate) const SENTINEL_RECHECK: Duration = Duration::from_millis(500);
 
+/// How long the relay publishes nothing after it followed a Sentinel
+/// failover to a new primary: every `Subscriber` checks the sentinels every
+/// [`SENTINEL_RECHECK`], so after two of them each has moved there too, and
+/// nothing is published where a subscriber has not arrived yet.
+pub(crate) const SWITCH_HOLD: Duration = Duration::from_millis(1000);
+
 /// Herald's Redis connections: single server, Sentinel or Cluster.
 /// Cloning is cheap and shares the connections.
 ///
@@ -115,6 +121,7 @@ impl RedisPool {
                 watch: tokio::sync::Mutex::new(SentinelWatch::new(config)?),
                 audience: Audience::new(config.redis.connect_timeout),
                 conn: tokio::sync::Mutex::new(None),
+                switched: std::sync::Mutex::new(None),
                 url: mask_url(&config.redis_url),
                 connection,
                 connect_timeout: config.redis.connect_timeout,
@@ -154,6 +161,23 @@ impl RedisPool {
             Kind::Sentinel(pool) => pool.get().await.map(RedisConnection::Direct),
             Kind::Cluster(pool) => pool.get().await.map(RedisConnection::Cluster),
         }
+    }
+
+    /// Why publishing must wait, if it must: for [`SWITCH_HOLD`] after this
+    /// pool followed a Sentinel failover to a new primary.
+    pub(crate) fn held_back(&self) -> Option<Error> {
+        let Kind::Sentinel(pool) = &self.kind else {
+            return None;
+        };
+        let since = (*pool.switched.lock().unwrap_or_else(|e| e.into_inner()))?;
+        (since.elapsed() < SWITCH_HOLD).then(|| {
+            Error::Other(format!(
+                "the primary of {} changed {:?} ago; publishing waits {:?} for subscribers to follow it",
+                pool.url,
+                since.elapsed(),
+                SWITCH_HOLD
+            ))
+        })
     }
 
     /// The cluster connection, for routing commands to chosen nodes.
@@ -445,6 +469,27 @@ impl SentinelWatch {
     }
 }
 
+/// A client for the primary, as the sentinels name it and `watch` agrees.
+/// Right after a failover the sentinels disagree for a moment: the redis
+/// crate's client may still pick one naming the old primary (which keeps
+/// answering as one), and a connection made there hears nothing published
+/// on the new one. Asked again until both agree, for at most `within`.
+pub(crate) async fn agreed_primary(
+    sentinel: &mut redis::sentinel::SentinelClient,
+    watch: &mut SentinelWatch,
+    within: Duration,
+) -> redis::RedisResult<redis::Client> {
+    let deadline = Instant::now() + within;
+    loop {
+        let client = sentinel.async_get_client().await?;
+        let named = watch.primary().await;
+        if named.is_none() || named == client_addr(&client) || Instant::now() >= deadline {
+            return Ok(client);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// `(host, port)` of a server.
 type Addr = (String, u16);
 
@@ -463,6 +508,8 @@ struct SentinelPool {
     audience: Audience,
     /// The connection, the primary it goes to, and when that was checked.
     conn: tokio::sync::Mutex<Option<(MultiplexedConnection, Addr, Instant)>>,
+    /// When this pool last followed a failover to another primary.
+    switched: std::sync::Mutex<Option<Instant>>,
     url: String,
     connection: redis::AsyncConnectionConfig,
     connect_timeout: Duration,
@@ -495,9 +542,15 @@ impl SentinelPool {
             }
             tracing::info!(url = %self.url, ?named, "redis: the sentinels name another primary; reconnecting");
             *slot = None;
+            *self.switched.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         }
         let connect = async {
-            let client = self.client.lock().await.async_get_client().await?;
+            let client = agreed_primary(
+                &mut *self.client.lock().await,
+                &mut *self.watch.lock().await,
+                self.connect_timeout,
+            )
+            .await?;
             let addr = client_addr(&client).unwrap_or_default();
             let conn = client
                 .get_multiplexed_async_connection_with_config(&self.connection)

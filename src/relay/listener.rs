@@ -26,6 +26,10 @@ use super::{RelayStats, CHANNEL, WAKE_LOCK, WAKE_LOCK_APPLICATION_NAME};
 pub(super) struct Signals {
     /// Changes when work may be waiting: a notification, or a (re)connect.
     pub(super) wake: watch::Receiver<u64>,
+    /// Changes when the LISTEN session (re)connects: Postgres answers
+    /// again, so a drain worker backing off from a failed batch retries now
+    /// instead of sleeping out its backoff.
+    pub(super) up: watch::Receiver<u64>,
     /// Where the drain workers say they sleep or work: the wake lock is
     /// taken only while all of them sleep.
     pub(super) idle: Arc<crate::wake::Idle>,
@@ -40,18 +44,21 @@ pub(super) fn spawn(
     shutdown: CancellationToken,
 ) -> (Signals, tokio::task::JoinHandle<()>) {
     let (wake_tx, wake_rx) = watch::channel(0u64);
+    let (up_tx, up_rx) = watch::channel(0u64);
     let idle = Arc::new(crate::wake::Idle::new(config.relay.concurrency));
     let subscription = notifier.subscribe(&[CHANNEL]);
     let task = tokio::spawn(listen(
         config.clone(),
         subscription,
         wake_tx,
+        up_tx,
         idle.clone(),
         stats,
         shutdown,
     ));
     let signals = Signals {
         wake: wake_rx,
+        up: up_rx,
         idle,
     };
     (signals, task)
@@ -63,6 +70,7 @@ async fn listen(
     config: Config,
     mut subscription: Subscription,
     wake: watch::Sender<u64>,
+    up: watch::Sender<u64>,
     idle: Arc<crate::wake::Idle>,
     stats: Arc<RelayStats>,
     shutdown: CancellationToken,
@@ -95,6 +103,7 @@ async fn listen(
             // is found by the sweep, anything after sends a notification or
             // is found by the sweep after the wake lock.
             wake.send_modify(|g| *g += 1);
+            up.send_modify(|g| *g += 1);
             let consumer = crate::wake::Consumer {
                 config: &config,
                 application_name: WAKE_LOCK_APPLICATION_NAME,

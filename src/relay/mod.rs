@@ -195,6 +195,7 @@ impl Relay {
             let worker = tokio::spawn(shared.clone().work(
                 n,
                 signals.wake.clone(),
+                signals.up.clone(),
                 signals.idle.clone(),
                 shutdown.clone(),
             ));
@@ -266,6 +267,7 @@ impl Drainer {
         self: Arc<Self>,
         n: usize,
         mut wake: watch::Receiver<u64>,
+        mut up: watch::Receiver<u64>,
         idle: Arc<crate::wake::Idle>,
         shutdown: CancellationToken,
     ) {
@@ -276,6 +278,7 @@ impl Drainer {
         let mut offset: i32 = (n as i32) * 7919;
         loop {
             wake.borrow_and_update();
+            up.borrow_and_update();
             // Drain until nothing is left for us, or until asked to stop.
             let mut failed = false;
             while !shutdown.is_cancelled() {
@@ -323,6 +326,14 @@ impl Drainer {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 changed = wake.changed(), if !failed => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
+                // Backing off: notifications would only repeat the failure,
+                // but a LISTEN session that connected again means Postgres
+                // answers again (after a restart or failover).
+                changed = up.changed(), if failed => {
                     if changed.is_err() {
                         return;
                     }
