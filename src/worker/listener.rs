@@ -26,6 +26,9 @@ pub(super) struct Signals {
     /// (which names no queue, so every producer looks), or a (re)connect,
     /// after which notifications may have been missed.
     pub(super) wake: Arc<watch::Sender<u64>>,
+    /// Bumped when the LISTEN session (re)connects: Postgres answers again,
+    /// so a producer backing off from a failed claim retries now.
+    pub(super) up: Arc<watch::Sender<u64>>,
     /// Stops the running attempts of the task with this id.
     pub(super) cancel: Arc<dyn Fn(i64) + Send + Sync>,
 }
@@ -82,6 +85,7 @@ pub(super) async fn listen(
             stats.listening.store(true, Ordering::Relaxed);
             // Anything enqueued before LISTEN took effect is found now.
             signals.work();
+            signals.up.send_modify(|g| *g += 1);
             let consumer = crate::wake::Consumer {
                 config: &config,
                 application_name: WAKE_LOCK_APPLICATION_NAME,

@@ -194,8 +194,10 @@ impl Worker {
         let services = CancellationToken::new();
 
         let idle = Arc::new(crate::wake::Idle::new(self.queues.len()));
+        let (up_tx, up_rx) = watch::channel(0u64);
         let signals = listener::Signals {
             wake: wake_tx.clone(),
+            up: Arc::new(up_tx),
             cancel: {
                 let shared = shared.clone();
                 Arc::new(move |id| shared.stop_task(id, StopReason::Cancelled))
@@ -233,7 +235,10 @@ impl Worker {
                 shared.clone(),
                 queue,
                 sem,
-                wake_rx.clone(),
+                producer::Wakeups {
+                    wake: wake_rx.clone(),
+                    up: up_rx.clone(),
+                },
                 idle.clone(),
                 done_tx.clone(),
                 shutdown.clone(),

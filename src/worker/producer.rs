@@ -149,16 +149,24 @@ impl Shared {
     }
 }
 
+/// What wakes a producer: `wake` when its queue may have work, `up` when
+/// the LISTEN session (re)connected (see `listener::Signals`).
+pub(super) struct Wakeups {
+    pub(super) wake: watch::Receiver<u64>,
+    pub(super) up: watch::Receiver<u64>,
+}
+
 /// Claim and start tasks of one queue while permits are free.
 pub(super) async fn produce(
     shared: Arc<Shared>,
     queue: String,
     sem: Arc<Semaphore>,
-    mut wake: watch::Receiver<u64>,
+    wakeups: Wakeups,
     idle: Arc<crate::wake::Idle>,
     done: mpsc::UnboundedSender<Completion>,
     shutdown: CancellationToken,
 ) {
+    let Wakeups { mut wake, mut up } = wakeups;
     let cfg = &shared.config.worker;
     let mut backoff = Duration::from_millis(100);
     let queue_label: Arc<str> = queue.as_str().into();
@@ -198,9 +206,12 @@ pub(super) async fn produce(
                 }
                 Err(error) => {
                     tracing::warn!(%error, %queue, "handing back unknown leases failed; backing off");
+                    up.borrow_and_update();
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(backoff) => {}
+                        // Postgres answers the LISTEN session again.
+                        Ok(()) = up.changed() => {}
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
@@ -224,9 +235,12 @@ pub(super) async fn produce(
             Err(error) => {
                 unsure = true;
                 tracing::warn!(%error, %queue, "claiming tasks failed; backing off");
+                up.borrow_and_update();
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(backoff) => {}
+                    // Postgres answers the LISTEN session again.
+                    Ok(()) = up.changed() => {}
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
