@@ -27,7 +27,7 @@ run: services-up ## Start dev services, then `herald run` (migrates, relays)
 test: services-up test-tools ## Start dev services, then run the whole test suite
 	$(WITH_ENV) $(CARGO) test
 
-test-tools: ## Install the programs the suite starts itself (PgBouncer, Sentinel, Chromium) if missing
+test-tools: ## Install the programs the suite starts itself (PgBouncer, redis-cli, Chromium) if missing
 	scripts/test-tools.sh install
 
 # `make coverage COVERAGE_ARGS="--test suite operator::"` measures one test module.

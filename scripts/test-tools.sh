@@ -4,8 +4,8 @@
 #
 #   initdb/pg_ctl/postgres  private Postgres servers (TLS, restart mid-stream)
 #   pgbouncer               transaction and session pooling (tests/suite/pgbouncer.rs)
-#   redis-cli               building a Redis Cluster (tests/suite/redis_cluster.rs)
-#   redis-sentinel          a primary, a replica and a sentinel (redis_sentinel.rs)
+#   redis-cli               building a Redis Cluster (tests/suite/redis_cluster.rs);
+#                           sentinels run as `redis-server --sentinel` (redis_sentinel.rs)
 #   chromium, chromedriver  the dashboard's browser tests (dashboard.rs)
 #
 #   scripts/test-tools.sh check     say what is missing; exit 1 if anything is
@@ -24,7 +24,6 @@ missing_packages() {
     pg_bin || pkgs+=(postgresql)
     have pgbouncer || pkgs+=(pgbouncer)
     have redis-cli || pkgs+=(redis-tools)
-    have redis-sentinel || pkgs+=(redis-sentinel)
     have chromium || pkgs+=(chromium)
     have chromedriver || pkgs+=(chromium-driver)
     printf '%s\n' "${pkgs[@]}"
