@@ -484,6 +484,47 @@ impl Drop for RedisSentinel {
 }
 
 /// What a subscriber received, with arrival times, read on its own task.
+/// The end of a failover test, once the producer stopped with `per_key`
+/// events on each of `keys` keys: waits for them all, prints what the
+/// stream saw (`what` names the failover; docs quote these lines), and
+/// asserts that nothing was lost, per-key order, and, once the relay
+/// stopped, an empty outbox and no dead letters. `window` is where to look
+/// for the longest pause in deliveries.
+pub async fn finish_failover(
+    what: &str,
+    stream: &mut TimedStream,
+    (keys, per_key): (usize, usize),
+    window: (Instant, Instant),
+    relay: super::RelayTask,
+    db: &super::TestDb,
+) {
+    let total = keys * per_key;
+    let all = stream.until_distinct(total, Duration::from_secs(60)).await;
+    let lost = stream.missing(keys, per_key);
+    stream.drain_for(Duration::from_millis(300)).await;
+    let stall = stream.longest_pause(window.0, window.1);
+    println!(
+        "{what}: longest pause in deliveries {stall:?}; {total} events committed, \
+         {} distinct received, {} lost, {} duplicates, {} gaps reported",
+        stream.distinct(),
+        lost.len(),
+        stream.duplicates(),
+        stream.gaps.len()
+    );
+    assert!(
+        all,
+        "every committed event reached the subscriber; missing {:?}",
+        &lost[..lost.len().min(20)]
+    );
+    stream.assert_per_key_order(keys, per_key);
+    relay.stop().await;
+    assert_eq!(db.count("SELECT count(*) FROM herald.outbox").await, 0);
+    assert_eq!(
+        db.count("SELECT count(*) FROM herald.dead_letters").await,
+        0
+    );
+}
+
 pub struct TimedStream {
     rx: tokio::sync::mpsc::UnboundedReceiver<(Instant, herald::Delivery)>,
     pub events: Vec<(Instant, herald::Envelope)>,
