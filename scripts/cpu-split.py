@@ -9,7 +9,11 @@ relay/worker processes it starts) spent, beside the wall time. CPU time,
 unlike throughput, hardly depends on what else the machine is doing, so this
 is how docs/scaling.md says what one Postgres core carries.
 
-    scripts/cpu-split.py [--herald target/release/herald] O4 O2 Q2 O1
+    scripts/cpu-split.py [--herald target/release/herald] [--tls] O4 O2 Q2 O1
+
+With --tls the private server has ssl on (a self-signed certificate made
+with openssl) and Herald connects with sslmode=require; without it,
+sslmode=disable.
 
 Needs the Debian Postgres binaries (/usr/lib/postgresql/*/bin) and
 redis-server; run as root (it initdb's as the postgres user) or as a user
@@ -53,6 +57,7 @@ def tree_cpu(root):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--herald", default="target/release/herald")
+    ap.add_argument("--tls", action="store_true", help="ssl on, sslmode=require")
     ap.add_argument("workloads", nargs="+")
     args = ap.parse_args()
     herald = os.path.abspath(args.herald)
@@ -67,9 +72,16 @@ def main():
     pg_port, redis_port = free_port(), free_port()
     subprocess.run(as_pg + [f"{bindir}/initdb", "-D", data, "-A", "trust", "-U", "postgres"],
                    check=True, stdout=subprocess.DEVNULL)
+    tls = []
+    if args.tls:
+        cert, key = os.path.join(data, "server.crt"), os.path.join(data, "server.key")
+        subprocess.run(as_pg + ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                                "-subj", "/CN=localhost", "-keyout", key, "-out", cert],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        tls = ["-c", "ssl=on", "-c", f"ssl_cert_file={cert}", "-c", f"ssl_key_file={key}"]
     pg = subprocess.Popen(as_pg + [f"{bindir}/postgres", "-D", data, "-p", str(pg_port),
                                    "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={tmp}",
-                                   "-c", "max_connections=300"],
+                                   "-c", "max_connections=300"] + tls,
                           stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "pg.log"), "w"))
     redis = subprocess.Popen(["redis-server", "--port", str(redis_port), "--bind", "127.0.0.1",
                               "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
@@ -81,7 +93,8 @@ def main():
         # runuser execs postgres, so pg.pid is the postmaster (or runuser's child).
         postmaster = int(open(os.path.join(data, "postmaster.pid")).readline())
         env = dict(os.environ,
-                   DATABASE_URL=f"postgres://postgres@127.0.0.1:{pg_port}/postgres",
+                   DATABASE_URL=f"postgres://postgres@127.0.0.1:{pg_port}/postgres"
+                                f"?sslmode={'require' if args.tls else 'disable'}",
                    REDIS_URL=f"redis://127.0.0.1:{redis_port}")
         print("| workload | wall s | Postgres CPU s | Herald CPU s | Redis CPU s | figures |")
         print("|---|---:|---:|---:|---:|---|")
