@@ -344,3 +344,73 @@ async fn settings_that_cannot_work_are_refused_naming_the_setting() {
         );
     }
 }
+
+/// `herald tail` on a cluster: a pattern in classic mode and exact topics
+/// (on three slots) in sharded mode, each printing what a relay publishes
+/// there, every event once.
+#[tokio::test(flavor = "multi_thread")]
+async fn herald_tail_prints_what_the_relay_publishes_on_a_cluster() {
+    use tokio::io::AsyncBufReadExt;
+
+    let cluster = RedisCluster::start(3, 0).await;
+    let topics = ["tail.a", "tail.b", "tail.c"];
+    for (mode, name, follow) in [
+        (PubSubMode::Classic, "classic", vec!["tail.*"]),
+        (PubSubMode::Sharded, "sharded", topics.to_vec()),
+    ] {
+        let db = TestDb::with(|c| {
+            c.redis_url = cluster.url();
+            c.redis.pubsub = mode;
+        })
+        .await;
+        let mut args = vec!["tail"];
+        args.extend(&follow);
+        let mut tail =
+            crate::common::herald_command(&db.config, &args, &[("HERALD_REDIS_PUBSUB", name)])
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+        let mut lines = tokio::io::BufReader::new(tail.stdout.take().unwrap()).lines();
+        let relay = db.relay();
+        // tail subscribes on its own time: publish a round on every topic
+        // until one is printed, then a known set, and read them all.
+        let outbox = herald::Outbox::from_config(&db.config);
+        let client = db.client().await;
+        let mut warm_up = 0;
+        let first = loop {
+            for topic in topics {
+                let event =
+                    herald::Event::new(topic, &serde_json::json!({ "warm_up": warm_up })).unwrap();
+                outbox.publish(&client, &event).await.unwrap();
+            }
+            warm_up += 1;
+            if let Ok(line) =
+                tokio::time::timeout(Duration::from_millis(200), lines.next_line()).await
+            {
+                break line.unwrap().expect("tail prints while running");
+            }
+            assert!(warm_up < 100, "{name}: herald tail printed nothing in 20 s");
+        };
+        assert!(first.contains("warm_up"), "{name}: {first}");
+        let mut want = HashSet::new();
+        for (n, topic) in topics.iter().cycle().take(30).enumerate() {
+            let event = herald::Event::new(*topic, &serde_json::json!({ "n": n })).unwrap();
+            want.insert(outbox.publish(&client, &event).await.unwrap().to_string());
+        }
+        let mut seen = Vec::new();
+        while want.iter().any(|id| !seen.contains(id)) {
+            let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+                .await
+                .unwrap_or_else(|_| panic!("{name}: {} of 30 printed in 20 s", seen.len()))
+                .unwrap()
+                .expect("tail prints while running");
+            let printed: serde_json::Value = serde_json::from_str(&line).unwrap();
+            if printed["payload"].get("n").is_some() {
+                seen.push(printed["id"].as_str().unwrap().to_string());
+            }
+        }
+        assert_eq!(seen.len(), 30, "{name}: every event once: {seen:?}");
+        relay.stop().await;
+        tail.kill().await.unwrap();
+    }
+}
