@@ -3,10 +3,9 @@
 //! TLS proxy, and the limit on wrong tokens per client address. Each test
 //! serves the real router on 127.0.0.1:<free port> and talks HTTP to it.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::common::{wait_for, TestDb};
+use crate::common::{admin_server, wait_for, TestDb};
 use herald::admin::dashboard::Dashboard;
 use herald::admin::{AdminState, SharedState};
 use herald::{Config, Registry, Task, Worker};
@@ -29,28 +28,13 @@ impl Server {
             herald::pubsub::redis_pool(config).unwrap(),
         );
         state.dashboard = Dashboard::new(Duration::from_secs(10));
-        let state = Arc::new(state);
-        let shutdown = CancellationToken::new();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let app = herald::admin::app(state.clone());
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-                .unwrap()
-        });
+        let served = admin_server::serve(state).await;
         Server {
-            url: format!("http://127.0.0.1:{port}"),
-            port,
-            state,
-            shutdown,
-            http: reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .timeout(Duration::from_secs(15))
-                .build()
-                .unwrap(),
+            url: format!("http://127.0.0.1:{}", served.port),
+            port: served.port,
+            state: served.state,
+            shutdown: served.shutdown,
+            http: admin_server::http(),
         }
     }
 

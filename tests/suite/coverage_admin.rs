@@ -42,27 +42,12 @@ impl Server {
             herald::pubsub::redis_pool(config).unwrap(),
         );
         state.dashboard = Dashboard::new(Duration::from_secs(10));
-        let state = Arc::new(state);
-        let shutdown = CancellationToken::new();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let app = herald::admin::app(state.clone());
-        let token = shutdown.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { token.cancelled().await })
-                .await
-                .unwrap()
-        });
+        let served = common::admin_server::serve(state).await;
         Server {
-            url,
-            state,
-            shutdown,
-            http: reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .timeout(Duration::from_secs(15))
-                .build()
-                .unwrap(),
+            url: format!("http://127.0.0.1:{}", served.port),
+            state: served.state,
+            shutdown: served.shutdown,
+            http: common::admin_server::http(),
         }
     }
 

@@ -8,7 +8,6 @@
 //! in docs/ from a seeded database.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::{free_port, wait_for, TestDb};
@@ -136,23 +135,12 @@ impl Server {
         );
         state.read_only = read_only;
         state.dashboard = Dashboard::new(every);
-        let state = Arc::new(state);
-        let shutdown = CancellationToken::new();
-        herald::admin::dashboard::start_sampler(&state, shutdown.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let app = herald::admin::app(state.clone());
-        let token = shutdown.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { token.cancelled().await })
-                .await
-                .unwrap()
-        });
+        let served = crate::common::admin_server::serve(state).await;
+        herald::admin::dashboard::start_sampler(&served.state, served.shutdown.clone());
         Server {
-            url,
-            state,
-            shutdown,
+            url: format!("http://127.0.0.1:{}", served.port),
+            state: served.state,
+            shutdown: served.shutdown,
         }
     }
 }

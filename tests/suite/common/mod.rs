@@ -3,6 +3,7 @@
 //! against the real Postgres and Redis without seeing each other.
 #![allow(dead_code)]
 
+pub mod admin_server;
 pub mod pg_server;
 pub mod pgbouncer;
 pub mod proxy;

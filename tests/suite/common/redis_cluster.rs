@@ -484,6 +484,25 @@ impl Drop for RedisSentinel {
 }
 
 /// What a subscriber received, with arrival times, read on its own task.
+/// What a `RedisPool`'s check and a `Subscriber`'s connect (to topic `a`)
+/// both say of `config`'s Redis, for settings each must refuse.
+pub async fn refusals(config: &herald::Config) -> [String; 2] {
+    let pool = herald::RedisPool::from_config(config)
+        .unwrap()
+        .check()
+        .await
+        .unwrap_err()
+        .to_string();
+    let subscriber = herald::Subscriber::from_config(config)
+        .unwrap()
+        .topic("a")
+        .connect()
+        .await
+        .unwrap_err()
+        .to_string();
+    [pool, subscriber]
+}
+
 /// The end of a failover test, once the producer stopped with `per_key`
 /// events on each of `keys` keys: waits for them all, prints what the
 /// stream saw (`what` names the failover; docs quote these lines), and
