@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Side by side: Herald, graphile-worker, pg-boss and Celery on Q1, Q1b, Q2
-# and Q3 of shared/bench-spec.md, from one run of this script on one machine.
+# and Q3 (docs/benchmarks.md, Workloads), from one run of this script on one machine.
 # Not run by CI. See scripts/peers/README.md.
 #
 #   bash scripts/peers/run.sh

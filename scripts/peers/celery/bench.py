@@ -1,4 +1,4 @@
-"""Celery side of the peer benchmarks (Q1, Q1b, Q2, Q3 of shared/bench-spec.md).
+"""Celery side of the peer benchmarks (Q1, Q1b, Q2, Q3 of docs/benchmarks.md, Workloads).
 
 Usage: python bench.py <Q1|Q1b|Q2|Q3>   (run from this directory, or with it on
 PYTHONPATH). Env: CELERY_BROKER_URL, PEERS_STATE_URL (separate Redis dbs,

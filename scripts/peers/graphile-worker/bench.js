@@ -1,5 +1,5 @@
 // graphile-worker side of the peer benchmarks (Q1, Q1b, Q2, Q3 of
-// shared/bench-spec.md). Usage: node bench.js <Q1|Q1b|Q2|Q3>
+// docs/benchmarks.md, Workloads). Usage: node bench.js <Q1|Q1b|Q2|Q3>
 // Env: DATABASE_URL (a fresh database; this script migrates it),
 //      GW_CONCURRENCY, GW_LOCAL_QUEUE, GW_COMPLETE_BATCH_DELAY, GW_POOL.
 "use strict";

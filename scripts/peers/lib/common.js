@@ -1,5 +1,5 @@
 // Shared helpers for the Node peer benchmarks (graphile-worker, pg-boss).
-// Figures follow ../../shared/bench-spec.md; see scripts/peers/README.md.
+// Figures follow the workloads of docs/benchmarks.md; see scripts/peers/README.md.
 "use strict";
 
 const { fork } = require("child_process");

@@ -1,5 +1,5 @@
 // pg-boss side of the peer benchmarks (Q1, Q1b, Q2, Q3 of
-// shared/bench-spec.md). Usage: node bench.js <Q1|Q1b|Q2|Q3>
+// docs/benchmarks.md, Workloads). Usage: node bench.js <Q1|Q1b|Q2|Q3>
 // Env: DATABASE_URL (a fresh database; pg-boss migrates it on start),
 //      PGBOSS_WORKERS (work() subscriptions), PGBOSS_BATCH (batchSize).
 "use strict";
